@@ -1,0 +1,271 @@
+"""Run configuration: one dataclass per component, composed into `RunConfig`.
+
+Loading follows Meta Lingua: ``structured(RunConfig) <- yaml files <- dotlist overrides``.
+OmegaConf's merge rejects unknown keys and wrong types; we re-raise its error naming the key and
+the file it came from. Cross-field checks live in `validate()` and name the key and the fix.
+
+A YAML file may start with ``base: [other.yaml, ...]`` (paths relative to the file): those are
+merged first, so a run config can reuse ``configs/model/tiny.yaml``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder with product-key memory layers in place of some FFNs."""
+
+    init_from: Optional[str] = None  # HF folder (or checkpoint dir) to start from
+    tokenizer: Optional[str] = None  # HF tokenizer folder; None: the run's data folder
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: Optional[int] = None
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    memory_layers: List[int] = field(default_factory=lambda: [2])
+    memory_n_keys: int = 128  # slots = n_keys ** 2
+    memory_heads: int = 4
+    memory_knn: int = 16
+    memory_k_dim: int = 64
+    memory_value_dim: int = 128
+    memory_swilu: bool = True
+    memory_qk_norm: bool = False
+    memory_value_dtype: str = "float32"  # float32 | bfloat16
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # MDS folder (local path or remote URI)
+    eval: Optional[str] = None
+    background: Optional[str] = None  # MDS folder for the df index (default: train)
+    local_cache: Optional[str] = None  # where remote shards are cached
+    seq_len: int = 64
+    batch_size: int = 8  # per rank
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # dense weights (AdamW) or LoRA weights
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine
+    grad_clip: float = 1.0
+    memory_lr: float = 1e-3  # memory values: row-sparse AdamW (pretrain/full) or MaskedSGD lr
+    memory_optimizer: str = "sgd"  # sparse-memory finetuning: sgd | adamw (ablation)
+    momentum: float = 0.0
+    max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class SelectionConfig:
+    top_t: int = 500
+    mode: str = "tfidf"  # tfidf | tf | all (every touched row: an ablation)
+    background_batches: int = 1000
+    df_path: Optional[str] = None  # background df index (default: from the checkpoint)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.0
+    targets: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class DistConfig:
+    engine: str = "none"  # none | deepspeed | fsdp2
+    zero_stage: int = 0
+    deepspeed_config: Optional[str] = None  # a user DeepSpeed JSON merged over ours
+    mp: int = 0  # memory-parallel group size; 0 = the whole world
+    dp_replicate: int = 1
+    backend: str = "auto"  # auto | nccl | gloo
+    device: str = "auto"  # auto | cpu | cuda
+    timeout_s: float = 300.0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <out_dir>/checkpoints
+    every: int = 0  # 0: only at the end
+    resume: str = "auto"  # auto | none | <path>
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    mode: str = "pretrain"  # pretrain | background_index | finetune
+    method: str = "sparse_memory"  # full | lora | sparse_memory
+    seed: int = 0
+    steps: int = 100
+    out_dir: str = "runs/run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_CHOICES = {
+    "mode": ("pretrain", "background_index", "finetune"),
+    "method": ("full", "lora", "sparse_memory"),
+    "selection.mode": ("tfidf", "tf", "all"),
+    "optim.schedule": ("constant", "cosine"),
+    "optim.memory_optimizer": ("sgd", "adamw"),
+    "dist.engine": ("none", "deepspeed", "fsdp2"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.device": ("auto", "cpu", "cuda"),
+    "model.memory_value_dtype": ("float32", "bfloat16"),
+}
+
+
+def _load_yaml(path: Path, seen: tuple = ()) -> Any:
+    """Load one YAML file, merging its ``base:`` files first. Returns a plain DictConfig."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: check the --config path")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' includes itself in a cycle: {' -> '.join(map(str, seen))}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    bases = node.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create({})
+    for b in bases:
+        merged = _merge_into(merged, _load_yaml(path.parent / str(b), seen + (path.resolve(),)), str(path))
+    return _merge_into(merged, node, str(path))
+
+
+def _merge_into(schema, node, source: str):
+    try:
+        return OmegaConf.merge(schema, node)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(
+            f"{source}: bad config key '{key}': {msg}. "
+            f"Valid keys are the fields of smft_dist.config.RunConfig (see README 'Configuration')."
+        ) from None
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """Build a validated `RunConfig` from a YAML file and ``key=value`` overrides."""
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        node = _load_yaml(Path(path))
+        cfg = _merge_into(cfg, node, str(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. optim.lr=2)")
+        cfg = _merge_into(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line override")
+    run: RunConfig = OmegaConf.to_object(cfg)
+    validate(run)
+    return run
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    OmegaConf.save(OmegaConf.structured(cfg), path)
+
+
+def _get(cfg: RunConfig, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
+    """Cross-field checks; each error names the key and the fix. `world_size` adds the
+    parallel-size arithmetic, done at start-up once the world is known."""
+    for key, choices in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            raise ConfigError(f"{key}={v!r} is not one of {list(choices)}")
+    m = cfg.model
+    if m.memory_n_keys < 1:
+        raise ConfigError(f"model.memory_n_keys={m.memory_n_keys} must be >= 1 (slots = n_keys^2)")
+    if not 1 <= m.memory_knn <= m.memory_n_keys:
+        raise ConfigError(
+            f"model.memory_knn={m.memory_knn} must be in [1, memory_n_keys={m.memory_n_keys}]: "
+            "top-k per half cannot exceed the number of sub-keys"
+        )
+    if m.memory_k_dim % 2:
+        raise ConfigError(f"model.memory_k_dim={m.memory_k_dim} must be even (it is split into two halves)")
+    for name in ("memory_heads", "memory_value_dim", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be >= 1")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
+        )
+    for i in m.memory_layers:
+        if not 0 <= i < m.num_hidden_layers:
+            raise ConfigError(
+                f"model.memory_layers contains {i}, outside [0, {m.num_hidden_layers}) "
+                f"(model.num_hidden_layers={m.num_hidden_layers})"
+            )
+    if len(set(m.memory_layers)) != len(m.memory_layers):
+        raise ConfigError(f"model.memory_layers={m.memory_layers} has duplicates")
+    for key in ("data.seq_len", "data.batch_size", "steps", "selection.top_t", "selection.background_batches"):
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    if not (cfg.optim.lr > 0 and cfg.optim.memory_lr > 0 and math.isfinite(cfg.optim.lr)):
+        raise ConfigError("optim.lr and optim.memory_lr must be finite and > 0")
+    d = cfg.dist
+    if d.dp_replicate < 1 or d.mp < 0:
+        raise ConfigError(f"dist.dp_replicate={d.dp_replicate} must be >= 1 and dist.mp={d.mp} >= 0")
+    if d.engine == "deepspeed" and d.zero_stage not in (0, 1, 2):
+        raise ConfigError(
+            f"dist.zero_stage={d.zero_stage}: only ZeRO 0/1/2 are supported (stage 3 would gather the memory table)"
+        )
+    slots = m.memory_n_keys**2
+    if world_size is not None:
+        mp = d.mp or world_size // d.dp_replicate
+        if d.dp_replicate * mp != world_size:
+            raise ConfigError(
+                f"dist.dp_replicate {d.dp_replicate} x dist.mp {mp} = {d.dp_replicate * mp} != world size "
+                f"{world_size}: set dist.mp=0 (derive it) or sizes whose product is the world size"
+            )
+        if mp > slots:
+            raise ConfigError(
+                f"dist.mp={mp} exceeds the slot count {slots} (model.memory_n_keys^2): "
+                "use fewer memory-parallel ranks or more slots"
+            )

@@ -1,0 +1,5 @@
+from smft_dist.memory.layer import ProductKeyMemory
+from smft_dist.memory.product_keys import ProductKeys, brute_force_topk
+from smft_dist.memory.values import LocalValueTable, RowSparse, ValueTable
+
+__all__ = ["ProductKeyMemory", "ProductKeys", "brute_force_topk", "LocalValueTable", "RowSparse", "ValueTable"]

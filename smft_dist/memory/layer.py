@@ -1,0 +1,69 @@
+"""The product-key memory layer that replaces an FFN (DESIGN §1.1).
+
+Shape legend: B batch, S sequence, C model dim, T valid (non-padding) tokens, H heads, K knn,
+D value dim.
+
+    output = W2( y ⊙ silu(W1 x) ),   y = sum_{h,k} softmax_k(score_hk) * V[slot_hk]
+
+The value table is an object with the `ValueTable` interface: a `LocalValueTable` in one process,
+a `ShardedValueTable` (row-sharded, sparse all-to-all) under `torch.distributed`. The layer holds
+no collectives; swapping the table is all that distribution changes here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from smft_dist.memory.product_keys import ProductKeys, softmax_weights
+from smft_dist.memory.values import DTYPES, LocalValueTable, ValueTable
+
+
+class ProductKeyMemory(nn.Module):
+    """forward(x_BSC) -> out_BSC. Set `token_mask` (B x S bool, True = real token) before a
+    forward to keep padding positions out of the lookup: they make no accesses and get only the
+    gated zero contribution."""
+
+    def __init__(self, dim: int, n_keys: int, heads: int, knn: int, k_dim: int, value_dim: int,
+                 swilu: bool = True, qk_norm: bool = False, value_dtype: str = "float32"):
+        super().__init__()
+        self.num_slots, self.value_dim, self.swilu = n_keys * n_keys, value_dim, swilu
+        self.keys = ProductKeys(dim, n_keys, heads, knn, k_dim, qk_norm)
+        self.values: ValueTable = LocalValueTable(self.num_slots, value_dim, dtype=DTYPES[value_dtype])
+        self.values.reset_parameters()
+        self.w1 = nn.Linear(dim, value_dim, bias=False) if swilu else None
+        self.w2 = nn.Linear(value_dim, dim, bias=False)
+        self.token_mask: Optional[torch.Tensor] = None
+
+    def set_value_table(self, table: ValueTable, register: bool = True) -> None:
+        """Swap in another table. `register=False` keeps it out of `parameters()`/`state_dict()`
+        so that a dense engine (DeepSpeed, FSDP) never broadcasts, reduces or gathers it."""
+        if table.num_rows != self.num_slots or table.dim != self.value_dim:
+            raise ValueError(f"table is {table.num_rows} x {table.dim}, layer needs {self.num_slots} x {self.value_dim}")
+        self._modules.pop("values", None)
+        if register:
+            self.values = table
+        else:
+            object.__setattr__(self, "values", table)
+
+    def forward(self, x_BSC: torch.Tensor) -> torch.Tensor:
+        B, S, C = x_BSC.shape
+        x_NC = x_BSC.reshape(B * S, C)
+        valid = None
+        if self.token_mask is not None:
+            valid = self.token_mask[:, -S:].reshape(-1).to(torch.bool)  # with a KV cache, the last S
+            x_TC = x_NC[valid]
+        else:
+            x_TC = x_NC
+        slots_THK, scores_THK = self.keys(x_TC)
+        w_THK = softmax_weights(scores_THK)
+        T = x_TC.shape[0]
+        y_TD = self.values.embedding_bag(slots_THK.reshape(T, -1), w_THK.reshape(T, -1))
+        if valid is not None:
+            y_ND = y_TD.new_zeros(B * S, self.value_dim)
+            y_TD = y_ND.index_put((valid.nonzero().squeeze(1),), y_TD)
+        if self.swilu:
+            y_TD = y_TD * F.silu(self.w1(x_NC))
+        return self.w2(y_TD).view(B, S, C)

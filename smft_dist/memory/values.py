@@ -1,0 +1,166 @@
+"""The memory value table interface and its single-process implementation.
+
+Shape legend: T tokens, K slots per token (heads x knn), U unique slot ids, D value dim,
+R rows held by this rank (its shard), N rows in the whole table.
+
+A `ValueTable` holds rows ``[row_start, row_end)`` of an N x D table. The memory layer only calls
+`embedding_bag`; subclasses implement two primitives that may communicate:
+
+- `fetch(ids_U, counts_U) -> rows_UD`: return the rows for globally unique ids; the owners record
+  `counts_U` as accesses of this step (the TF-IDF counts ride on the lookup's own routing);
+- `push_grad(ids_U, grad_UD)`: send row gradients to their owners, which accumulate them into a
+  row-sparse gradient of their shard.
+
+The table's weight is never part of autograd's graph: a lookup detaches the fetched rows and
+hooks their gradient, so the gradient of the table is always row-sparse (ids + rows) and never
+an N x D tensor, and no dense engine (DeepSpeed, FSDP) ever sees a gradient for it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class RowSparse:
+    """Accumulates (local row id, value) pairs; `coalesce()` sums duplicates. O(rows touched)."""
+
+    def __init__(self):
+        self._ids: list[torch.Tensor] = []
+        self._vals: list[torch.Tensor] = []
+
+    def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        if ids.numel():
+            self._ids.append(ids)
+            self._vals.append(vals)
+
+    def clear(self) -> None:
+        self._ids.clear()
+        self._vals.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._ids)
+
+    def coalesce(self, trailing: tuple = (), dtype=torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (sorted unique ids_U, summed values_U...). Empty tensors when nothing was added."""
+        if not self._ids:
+            return (torch.empty(0, dtype=torch.long, device=device), torch.zeros((0, *trailing), dtype=dtype, device=device))
+        ids = torch.cat(self._ids)
+        vals = torch.cat(self._vals)
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        out = torch.zeros((uniq.numel(), *vals.shape[1:]), dtype=vals.dtype, device=vals.device)
+        out.index_add_(0, inv, vals)
+        self._ids, self._vals = [uniq], [out]
+        return uniq, out
+
+
+class ValueTable(nn.Module):
+    """Rows [row_start, row_end) of an N x D memory value table (see module docstring)."""
+
+    def __init__(self, num_rows: int, dim: int, row_start: int, row_end: int, dtype: torch.dtype = torch.float32,
+                 device=None):
+        super().__init__()
+        if not 0 <= row_start <= row_end <= num_rows:
+            raise ValueError(f"bad shard [{row_start}, {row_end}) of a table with {num_rows} rows")
+        self.num_rows, self.dim, self.row_start, self.row_end = num_rows, dim, row_start, row_end
+        # requires_grad=False: gradients flow through `_grad` (row-sparse), never `.grad`.
+        self.weight = nn.Parameter(torch.empty(row_end - row_start, dim, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.trainable = True  # whether lookups hook row gradients (False: frozen memory)
+        self._counts = RowSparse()  # this step's access counts of local rows
+        self._grad = RowSparse()  # this step's row-sparse gradient of local rows
+        self._grad_allowed: Optional[torch.Tensor] = None  # sorted global ids allowed to get grads
+
+    # ----- initialisation -----
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """N(0, D^-1/2) as in DESIGN §1.1. With a generator, a shard draws the same values that
+        rows [row_start, row_end) of a full table drawn with that generator would get."""
+        std = self.dim ** -0.5
+        with torch.no_grad():
+            if generator is None:
+                self.weight.normal_(0.0, std)
+                return
+            # Draw row blocks in a fixed order so shards agree with the unsharded table.
+            block = 1 << 16
+            for start in range(0, self.row_end, block):
+                stop = min(start + block, self.num_rows)
+                rows = torch.empty(stop - start, self.dim).normal_(0.0, std, generator=generator)
+                lo, hi = max(start, self.row_start), min(stop, self.row_end)
+                if lo < hi:
+                    self.weight[lo - self.row_start:hi - self.row_start] = rows[lo - start:hi - start]
+
+    # ----- primitives (may communicate) -----
+    def fetch(self, ids_U: torch.Tensor, counts_U: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def owns(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids >= self.row_start) & (ids < self.row_end)
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_rows):
+            bad = ids[(ids < 0) | (ids >= self.num_rows)][:5].tolist()
+            raise IndexError(
+                f"memory slot ids {bad} are outside [0, {self.num_rows}): the model's memory_n_keys^2 "
+                "must match the table's row count (check the checkpoint and the config)"
+            )
+
+    # ----- the lookup the memory layer uses -----
+    def embedding_bag(self, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """y_TD[t] = sum_k w_TK[t, k] * V[idx_TK[t, k]]; gradients reach w_TK and (row-sparse) V.
+
+        Collective for sharded tables: every rank of the group must call it, possibly with T = 0.
+        """
+        ids_U, inv_TK, counts_U = torch.unique(idx_TK.reshape(-1), return_inverse=True, return_counts=True)
+        rows_UD = self.fetch(ids_U, counts_U).to(w_TK.dtype)
+        if self.trainable and torch.is_grad_enabled():
+            rows_UD = rows_UD.detach().requires_grad_(True)
+            rows_UD.register_hook(lambda g, ids=ids_U: self._backward_rows(ids, g))
+        return F.embedding_bag(inv_TK.view(idx_TK.shape), rows_UD, per_sample_weights=w_TK, mode="sum")
+
+    def _backward_rows(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+        if self._grad_allowed is not None:
+            # Only the selected rows' gradients leave this rank (DESIGN §2, "consequences").
+            keep = torch.isin(ids_U, self._grad_allowed)
+            ids_U, grad_UD = ids_U[keep], grad_UD[keep]
+        self.push_grad(ids_U, grad_UD.float())
+
+    # ----- per-step sparse state -----
+    def restrict_grad_to(self, global_ids: Optional[torch.Tensor]) -> None:
+        """Limit the next backward's row gradients to these global ids (None: all touched rows)."""
+        self._grad_allowed = None if global_ids is None else torch.sort(global_ids.to(torch.long)).values
+
+    def access_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (local row ids_R', counts_R' int64): this step's accesses of this shard's rows."""
+        return self._counts.coalesce(dtype=torch.long, device=self.weight.device)
+
+    def sparse_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (local row ids_R', grad_R'D fp32): this step's row-sparse gradient of this shard."""
+        return self._grad.coalesce((self.dim,), device=self.weight.device)
+
+    def zero_step(self) -> None:
+        """Forget this step's counts and gradients (call at the start of every step)."""
+        self._counts.clear()
+        self._grad.clear()
+        self._grad_allowed = None
+
+
+class LocalValueTable(ValueTable):
+    """The whole table in one process (world size 1, tests, export)."""
+
+    def __init__(self, num_rows: int, dim: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(num_rows, dim, 0, num_rows, dtype=dtype, device=device)
+
+    def fetch(self, ids_U: torch.Tensor, counts_U: torch.Tensor) -> torch.Tensor:
+        self.check_ids(ids_U)
+        self._counts.add(ids_U, counts_U)
+        return self.weight.detach()[ids_U]
+
+    def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+        self._grad.add(ids_U, grad_UD)
