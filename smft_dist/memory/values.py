@@ -38,6 +38,9 @@ class RowSparse:
             self._ids.append(ids)
             self._vals.append(vals)
 
+    def scale_(self, factor: float) -> None:
+        self._vals = [v * factor for v in self._vals]
+
     def clear(self) -> None:
         self._ids.clear()
         self._vals.clear()
@@ -143,6 +146,11 @@ class ValueTable(nn.Module):
     def sparse_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (local row ids_R', grad_R'D fp32): this step's row-sparse gradient of this shard."""
         return self._grad.coalesce((self.dim,), device=self.weight.device)
+
+    def scale_grad_(self, factor: float) -> None:
+        """Scale this step's row gradients: the trainer turns the sum over data-parallel ranks
+        into the mean (what DDP/DeepSpeed do for the dense weights) with factor 1/world."""
+        self._grad.scale_(factor)
 
     def zero_step(self) -> None:
         """Forget this step's counts and gradients (call at the start of every step)."""

@@ -9,6 +9,7 @@ raises if any rank failed, with that rank's traceback. A rank may return a pickl
 """
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -33,7 +34,9 @@ def _worker(rank, world_size, port, fn, args, queue):
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         result = fn(rank, world_size, *args)
         dist.barrier()
-        queue.put((rank, "ok", result))
+        buf = io.BytesIO()
+        torch.save(result, buf)  # plain bytes: tensors must outlive this process (no shared-memory fds)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report, then exit non-zero
         queue.put((rank, "error", traceback.format_exc()))
         raise
@@ -54,7 +57,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0):
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -1,0 +1,73 @@
+"""`smft-export`: a checkpoint (any mp size) -> one Hugging Face folder.
+
+    smft-export runs/tiny/finetune_sparse/checkpoints --out runs/tiny/hf
+
+The folder loads with `AutoModelForCausalLM.from_pretrained` (after `import smft_dist.model`),
+generates, and carries the background df in `background_df/<layer>.safetensors` so a later
+sparse-memory finetune can start from it. LoRA checkpoints are merged into the dense weights.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from smft_dist.config import ModelConfig
+from smft_dist.model import SmftConfig, SmftForCausalLM
+from smft_dist.train import checkpoint as ckpt
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[SmftForCausalLM, Path]:
+    """A whole (unsharded) model from a checkpoint written at any mp size."""
+    step_dir = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_meta(step_dir)
+    model = SmftForCausalLM(SmftConfig.from_model_config(ModelConfig(**meta["model"])))
+    target = model
+    if meta.get("method") == "lora" and meta.get("mode") == "finetune":
+        from peft import LoraConfig, get_peft_model
+
+        lora = meta["lora"]
+        target = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
+                                                  target_modules=list(lora["targets"]), bias="none"))
+    ckpt.load_dense(target, step_dir)
+    ckpt.load_memory([layer.values for layer in model.memory_layers()], ckpt.layer_names(model), step_dir)
+    if target is not model:
+        model = target.merge_and_unload()
+    return model, step_dir
+
+
+def export(path: str | Path, out: str | Path, tokenizer: str | None = None) -> Path:
+    model, step_dir = load_checkpoint_model(path)
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if (step_dir / "df").is_dir():
+        shutil.copytree(step_dir / "df", tmp / "background_df")
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a checkpoint folder (<out_dir>/checkpoints) or one step_<N> folder")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--tokenizer", help="a tokenizer folder to copy in (e.g. runs/data/tiny/tokenizer)")
+    args = p.parse_args(argv)
+    try:
+        print(export(args.checkpoint, args.out, args.tokenizer))
+    except (ckpt.CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The training loop: one function, one call per component each step (torchtitan's shape).
+
+    train(cfg) handles every mode (pretrain | background_index | finetune) and method
+    (full | lora | sparse_memory); `Trainer.train_step` holds the per-method step.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from smft_dist.config import RunConfig, save_config, validate
+from smft_dist.dist import init_distributed
+from smft_dist.selection import build_background_index
+from smft_dist.train import checkpoint as ckpt
+from smft_dist.train.metrics import MetricLogger, peak_memory_mb
+from smft_dist.train.preempt import PREEMPTED_EXIT_CODE, PreemptionFlag
+from smft_dist.train.trainer import build_run
+
+log = logging.getLogger("smft_dist")
+
+
+def build_loader(cfg: RunConfig, ctx, path: str):
+    from smft_dist.data.loader import build_dataloader
+
+    if not path:
+        raise ValueError(f"mode={cfg.mode} needs data: set data.train (an MDS folder, see `smft-data`)")
+    return build_dataloader(path, cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
+                            rank=ctx.rank, world_size=ctx.world_size, local_cache=cfg.data.local_cache,
+                            num_workers=cfg.data.num_workers)
+
+
+def train(cfg: RunConfig) -> int:
+    """Run `cfg` to the end; -> process exit code (0, or PREEMPTED_EXIT_CODE after a signal)."""
+    ctx = init_distributed(cfg.dist)
+    validate(cfg, ctx.world_size)
+    out_dir = Path(cfg.out_dir)
+    root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    resume_dir = None
+    if cfg.checkpoint.resume == "auto":
+        resume_dir = ckpt.latest_checkpoint(root)
+    elif cfg.checkpoint.resume != "none":
+        resume_dir = ckpt.resolve_checkpoint(cfg.checkpoint.resume)
+    trainer = build_run(cfg, ctx, resume_dir)
+    data_path = (cfg.data.background or cfg.data.train) if cfg.mode == "background_index" else cfg.data.train
+    loader = build_loader(cfg, ctx, data_path)
+    checkpointer = ckpt.Checkpointer(root, cfg.checkpoint.every, cfg.checkpoint.keep)
+    step = 0
+    if resume_dir is not None:
+        meta = ckpt.read_meta(resume_dir)
+        same = meta.get("world_size") == ctx.world_size and meta.get("mp") == ctx.mp_size
+        ckpt.Checkpointer.load_rank_state(resume_dir, trainer.engine, trainer.memory_optimizer, loader,
+                                          ctx.mp_rank, same)
+        step = int(meta["step"]) if same else 0
+        if ctx.is_main:
+            print(f"resumed from {resume_dir} at step {step}", flush=True)
+
+    def save(at: int):
+        return checkpointer.save(at, model=trainer.model, tables=trainer.tables, engine=trainer.engine,
+                                 memory_optimizer=trainer.memory_optimizer, df_indexes=trainer.df_indexes,
+                                 loader=loader, meta=trainer.checkpoint_meta(), replicate_rank=ctx.replicate_rank,
+                                 mp_rank=ctx.mp_rank)
+
+    if cfg.mode == "background_index":
+        trainer.df_indexes = build_background_index(trainer.model, loader, cfg.selection.background_batches,
+                                                    trainer.tables, corpus=str(data_path))
+        path = save(0)
+        if ctx.is_main:
+            print(f"background df index over {cfg.selection.background_batches} batches saved in {path}", flush=True)
+        return 0
+
+    preempt = PreemptionFlag()
+    with ExitStack() as stack:
+        logger = MetricLogger(out_dir, cfg.steps, step, ctx.is_main, cfg.logging.every, cfg.logging.tensorboard,
+                              cfg.logging.progress, desc=f"{cfg.mode}/{cfg.method}")
+        stack.callback(logger.close)
+        batches = iter(loader)
+        while step < cfg.steps:
+            metrics = trainer.train_step(next(batches))
+            step += 1
+            metrics["lr"] = cfg.optim.lr if trainer.engine.scheduler is None else trainer.engine.scheduler.get_last_lr()[0]
+            metrics["peak_mem_mb"] = round(peak_memory_mb(ctx.device), 1)
+            logger.log(step, metrics)
+            if checkpointer.due(step) and step < cfg.steps:
+                save(step)
+            if preempt.requested(ctx.device, ctx.world_size):
+                path = save(step)
+                if ctx.is_main:
+                    print(f"preempted by signal {preempt.signum}: saved {path} at step {step}, exiting "
+                          f"{PREEMPTED_EXIT_CODE}", flush=True)
+                return PREEMPTED_EXIT_CODE
+    save(step)
+    if ctx.is_main:
+        print(f"done: {step} steps, checkpoint in {root / (root / ckpt.LATEST).read_text().strip()}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from smft_dist.config import ConfigError, load_config
+
+    p = argparse.ArgumentParser(description="Train (pretrain | background_index | finetune) an smft_dist model")
+    p.add_argument("--config", required=True)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

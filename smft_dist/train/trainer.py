@@ -1,0 +1,239 @@
+"""Build the parts of a run and take one training step.
+
+`build_run(cfg, ctx)` composes: the model (fresh, an HF folder or a checkpoint), the memory
+sharding, the method (which weights train, with which optimizer), the dense engine and the df
+index. `Trainer.train_step(batch)` is the step for every method:
+
+    zero the tables' step state -> forward -> (sparse memory: global TF-IDF top-t, restrict the
+    backward to those rows) -> backward -> average row grads over data-parallel ranks ->
+    dense engine step -> memory optimizer step
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from smft_dist.config import RunConfig
+from smft_dist.dist import DistContext, shard_memory
+from smft_dist.model import SmftConfig, SmftForCausalLM
+from smft_dist.optim import RowSparseAdamW, build_memory_optimizer, freeze_dense
+from smft_dist.selection import BackgroundIndex, select_for_model
+from smft_dist.train import checkpoint as ckpt
+from smft_dist.train.engines import DeepSpeedEngine, FSDP2Engine, PlainEngine
+
+log = logging.getLogger("smft_dist")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_lambda(cfg: RunConfig):
+    warm, total = cfg.optim.warmup_steps, cfg.steps
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.optim.schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+def _dense_optimizer(cfg: RunConfig, params):
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return None, None
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def _init_source(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
+    """-> (HF folder, checkpoint step dir) named by model.init_from (at most one is set)."""
+    if not cfg.model.init_from:
+        return None, None
+    p = Path(cfg.model.init_from)
+    if not p.exists():
+        raise FileNotFoundError(f"model.init_from={p} does not exist: point it at a checkpoint folder "
+                                "(<out_dir>/checkpoints) or an exported Hugging Face folder")
+    if (p / "config.json").is_file() and not (p / "meta.json").is_file():
+        return p, None
+    return None, ckpt.resolve_checkpoint(p)
+
+
+def load_df_indexes(source: Optional[Path], model, tables) -> Optional[list[BackgroundIndex]]:
+    """df of each memory layer from a folder holding `<layer>.safetensors` files (None if absent)."""
+    if source is None:
+        return None
+    files = [source / f"{n}.safetensors" for n in ckpt.layer_names(model)]
+    if not all(f.is_file() for f in files):
+        return None
+    return [BackgroundIndex.load(f, t) for f, t in zip(files, tables)]
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    ctx: DistContext
+    model: SmftForCausalLM  # the unwrapped HF model (its memory layers reach the tables)
+    tables: list
+    engine: PlainEngine
+    memory_optimizer: object = None
+    df_indexes: Optional[list] = None
+    nonfinite_in_a_row: int = 0
+    wrapped: object = None  # the PEFT model in LoRA mode (what the engine runs)
+
+    @property
+    def sparse(self) -> bool:
+        return self.cfg.mode == "finetune" and self.cfg.method == "sparse_memory"
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items() if k in
+                ("input_ids", "attention_mask", "labels")}
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def train_step(self, batch: dict) -> dict:
+        batch = self._to_device(batch)
+        for t in self.tables:
+            t.zero_step()
+        n_label = int((batch["labels"][:, 1:] != -100).sum())
+        out = self.engine(**batch)
+        loss = out.loss
+        finite = bool(torch.isfinite(loss)) if n_label else True
+        global_labels, bad = self._all_sum([n_label, 0.0 if finite else 1.0])
+        if global_labels == 0:  # empty or all-padding batch: nothing to learn, no selection
+            log.warning("skipping a step whose global batch has no label tokens (empty or all padding)")
+            return {"skipped": 1, "rows_selected": 0}
+        if bad:
+            self.nonfinite_in_a_row += 1
+            log.warning("non-finite loss (%s) on some rank: step skipped (%d in a row)", loss.item(),
+                        self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row: lower the learning rate or check the "
+                    f"data (optim.max_nonfinite_steps={self.cfg.optim.max_nonfinite_steps})")
+            return {"skipped": 1, "rows_selected": 0}
+        self.nonfinite_in_a_row = 0
+        metrics = {}
+        selected = None
+        if self.sparse:
+            selected, stats = select_for_model(self.tables, self.df_indexes, self.cfg.selection)
+            metrics["rows_selected"] = sum(s.selected for s in stats)
+            metrics["rows_touched"] = sum(s.candidates for s in stats)
+        if n_label == 0:
+            loss = out.logits.sum() * 0.0  # this rank has nothing to learn but must join the backward
+        self.engine.backward(loss)
+        for t in self.tables:
+            t.scale_grad_(1.0 / self.ctx.world_size)  # sum over ranks -> mean, as for dense weights
+            if self.ctx.dp_replicate > 1:
+                t.sync_replicas()
+        self.engine.step()
+        if self.memory_optimizer is not None:
+            updated = self.memory_optimizer.step(selected)
+            metrics["rows_updated"] = int(self._all_sum([updated])[0]) // self.ctx.dp_replicate
+        metrics["loss"] = self._all_sum([loss.item() * n_label])[0] / global_labels
+        metrics["tokens"] = int(self._all_sum([int(batch["attention_mask"].sum())])[0])
+        return metrics
+
+    def checkpoint_meta(self) -> dict:
+        from omegaconf import OmegaConf
+
+        return {"world_size": self.ctx.world_size, "mp": self.ctx.mp_size, "dp_replicate": self.ctx.dp_replicate,
+                "engine": self.cfg.dist.engine, "method": self.cfg.method, "mode": self.cfg.mode,
+                "model": OmegaConf.to_container(OmegaConf.structured(self.cfg.model)),
+                "lora": OmegaConf.to_container(OmegaConf.structured(self.cfg.lora))}
+
+
+def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = None) -> Trainer:
+    """Compose model, sharding, method, engine and df index. Weights come from `resume_dir` (a
+    checkpoint of this run) if given, else from model.init_from, else a seeded fresh init."""
+    hf_dir, init_ckpt = _init_source(cfg)
+    torch.manual_seed(cfg.seed)  # identical dense init on every rank
+    if hf_dir is not None:
+        model = SmftForCausalLM.from_pretrained(hf_dir)
+        _check_model_matches(cfg, model.config, hf_dir)
+    else:
+        model = SmftForCausalLM(SmftConfig.from_model_config(cfg.model))
+    model.to(ctx.device)
+    tables = shard_memory(model, ctx) if ctx.world_size > 1 else [layer.values for layer in model.memory_layers()]
+
+    names = ckpt.layer_names(model)
+    if init_ckpt is not None and resume_dir is None:  # before LoRA renames the wrapped linears
+        ckpt.load_dense(model, init_ckpt)
+        ckpt.load_memory(tables, names, init_ckpt)
+    wrapped = None
+    if cfg.method == "lora" and cfg.mode == "finetune":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.targets), bias="none")
+        wrapped = get_peft_model(model, lcfg)
+    if resume_dir is not None:
+        ckpt.load_dense(wrapped if wrapped is not None else model, resume_dir)
+        ckpt.load_memory(tables, names, resume_dir)
+
+    # Which weights train, and with which optimizer.
+    memory_optimizer = None
+    if cfg.mode == "background_index":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for t in tables:
+            t.trainable = False
+    elif cfg.mode == "pretrain" or cfg.method == "full":
+        memory_optimizer = RowSparseAdamW(tables, cfg.optim.memory_lr, cfg.optim.betas, cfg.optim.eps, 0.0)
+    elif cfg.method == "lora":
+        for t in tables:
+            t.trainable = False
+    else:  # sparse memory finetuning: only the selected memory rows train
+        freeze_dense(model)
+        memory_optimizer = build_memory_optimizer(tables, cfg.optim)
+
+    run_model = wrapped if wrapped is not None else model
+    make_opt = lambda m: _dense_optimizer(cfg, m.parameters())  # noqa: E731
+    if cfg.dist.engine == "deepspeed":
+        opt, sched = make_opt(run_model)
+        engine = DeepSpeedEngine(run_model, opt, sched, cfg.optim.grad_clip, ctx.world_size, cfg.dist.zero_stage,
+                                 cfg.data.batch_size, cfg.dist.deepspeed_config)
+    elif cfg.dist.engine == "fsdp2" and ctx.world_size > 1:
+        engine = FSDP2Engine(run_model, make_opt, cfg.optim.grad_clip, ctx.world_size, ctx.device.type)
+    else:
+        opt, sched = make_opt(run_model)
+        engine = PlainEngine(run_model, opt, sched, cfg.optim.grad_clip, ctx.world_size)
+
+    df_indexes = None
+    if cfg.mode == "finetune" and cfg.method == "sparse_memory" and cfg.selection.mode == "tfidf":
+        df_dir = Path(cfg.selection.df_path) if cfg.selection.df_path else None
+        for source in (df_dir, resume_dir and resume_dir / "df", init_ckpt and init_ckpt / "df",
+                       hf_dir and hf_dir / "background_df"):
+            df_indexes = load_df_indexes(source, model, tables) if source else None
+            if df_indexes:
+                break
+        if df_indexes is None:
+            raise FileNotFoundError(
+                "sparse memory finetuning with selection.mode=tfidf needs a background df index: run mode="
+                "background_index first and set model.init_from to its checkpoints (or selection.df_path to a folder "
+                "of <layer>.safetensors files), or use selection.mode=tf")
+    return Trainer(cfg, ctx, model, tables, engine, memory_optimizer, df_indexes, wrapped=wrapped)
+
+
+def _check_model_matches(cfg: RunConfig, hf_config, where) -> None:
+    for key in ("hidden_size", "num_hidden_layers", "memory_n_keys", "memory_value_dim", "memory_layers"):
+        want, have = getattr(cfg.model, key), getattr(hf_config, key)
+        if list(want) != list(have) if isinstance(want, list) else want != have:
+            raise ValueError(f"model.{key}={want} but {where} has {have}: the config and the weights are of "
+                             f"different models (fix model.{key} or model.init_from)")
