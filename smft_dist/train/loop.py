@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.config import RunConfig, save_config, validate
+from smft_dist.data.loader import forever
 from smft_dist.dist import init_distributed
 from smft_dist.selection import build_background_index
 from smft_dist.train import checkpoint as ckpt
@@ -81,7 +82,7 @@ def train(cfg: RunConfig) -> int:
         logger = MetricLogger(out_dir, cfg.steps, step, ctx.is_main, cfg.logging.every, cfg.logging.tensorboard,
                               cfg.logging.progress, desc=f"{cfg.mode}/{cfg.method}")
         stack.callback(logger.close)
-        batches = iter(loader)
+        batches = forever(loader)
         while step < cfg.steps:
             metrics = trainer.train_step(next(batches))
             step += 1
