@@ -6,3 +6,44 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests import `tests.dist.helpers`
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2-core machines run 2 ranks
+
+import subprocess
+
+import pytest
+
+PY = sys.executable
+
+
+def run_cli(args, timeout=600, env=None, check=True):
+    """Run a command from the repo root; on failure show the tail of its output."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small synthetic benchmark (MDS shards + tokenizer), made once per test session."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    run_cli([PY, "-m", "smft_dist.data.cli", "synthetic", "--out", str(out), "--seed", "0", "--n-known", "30",
+             "--n-new", "8", "--seq-len", "32", "--pretrain-docs", "3000", "--background-docs", "600",
+             "--heldout-docs", "100"])
+    return out
+
+
+def data_overrides(data) -> list[str]:
+    return [f"data.train={data}/pretrain", f"data.background={data}/background", "logging.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tiny_data, tmp_path_factory):
+    """Pretrain 20 steps, then build the df index: -> the background_index run's checkpoints dir."""
+    root = tmp_path_factory.mktemp("pretrained")
+    run_cli([PY, "launchers/train.py", "--config", "configs/tiny/pretrain.yaml", f"out_dir={root}/pretrain",
+             "steps=20", *data_overrides(tiny_data)])
+    run_cli([PY, "launchers/train.py", "--config", "configs/tiny/background_index.yaml", f"out_dir={root}/bg",
+             f"model.init_from={root}/pretrain/checkpoints", "selection.background_batches=10",
+             *data_overrides(tiny_data)])
+    return root / "bg" / "checkpoints"

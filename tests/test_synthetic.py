@@ -1,0 +1,96 @@
+"""The synthetic knowledge benchmark, its tokenizer and the real-dataset converters."""
+import json
+
+import pytest
+
+from smft_dist.data.real import nq_open_to_qa, qa_statements, simpleqa_to_qa, triviaqa_to_qa
+from smft_dist.data.synthetic import SyntheticWorld
+from smft_dist.data.tokenizer import load_tokenizer, train_word_tokenizer
+
+SMALL = dict(n_known=30, n_new=20, paraphrases=64, pretrain_docs=400, background_docs=50, heldout_docs=40)
+
+
+def _snapshot(world):
+    return (world.pretrain_corpus(), world.background_corpus(), world.heldout_corpus(),
+            world.new_fact_statements(), world.known_qa(), world.new_qa())
+
+
+def test_same_seed_same_world_other_seed_other_world():
+    a, b, c = SyntheticWorld(seed=1, **SMALL), SyntheticWorld(seed=1, **SMALL), SyntheticWorld(seed=2, **SMALL)
+    assert _snapshot(a) == _snapshot(b)
+    for x, y in zip(_snapshot(a), _snapshot(c)):
+        assert x != y
+
+
+def test_new_facts_have_distinct_paraphrases_and_one_qa():
+    world = SyntheticWorld(seed=0, **SMALL)
+    statements, qa = world.new_fact_statements(), world.new_qa()
+    assert len(statements) == len(qa) == 20
+    for fact, paras, pair in zip(world.new, statements, qa):
+        assert len(set(paras)) == len(paras) >= 64
+        assert all(fact.name in s and fact.value in s.split() for s in paras)
+        assert pair["answer"] == fact.value and fact.name in pair["prompt"] and pair["prompt"].endswith("A:")
+    known_names = {f.name for f in world.known}
+    assert not known_names & {f.name for f in world.new}, "new facts must be about people absent from pretraining"
+    assert all(len(f.name.split()) == 3 for f in world.known + world.new), "names are multi-token"
+
+
+def test_pretraining_mix_and_heldout():
+    world = SyntheticWorld(seed=0, **SMALL)
+    corpus = world.pretrain_corpus()
+    known = world.known
+    fact_docs = [d for d in corpus if any(f.name in d for f in known)]
+    assert len(fact_docs) == 300  # 75% of 400
+    assert sum(d.startswith("Q:") for d in fact_docs) > 50  # QA form is in pretraining
+    for qa in world.known_qa():  # every known fact's QA appears verbatim
+        assert f"{qa['prompt']} {qa['answer']}" in corpus
+    assert not set(world.heldout_corpus()) & set(corpus)
+    assert set(world.background_corpus()) <= set(corpus)
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="paraphrases"):
+        SyntheticWorld(paraphrases=10_000)
+    with pytest.raises(ValueError, match="n_known"):
+        SyntheticWorld(n_known=0)
+
+
+def test_word_tokenizer_covers_the_world(tmp_path):
+    world = SyntheticWorld(seed=0, **SMALL)
+    train_word_tokenizer(world.vocabulary_texts(), tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert 300 < len(tok) < 600  # a word-level vocabulary of a few hundred words (DESIGN §5)
+    texts = world.pretrain_corpus() + world.heldout_corpus() + sum(world.new_fact_statements(), [])
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    assert all(3 not in x for x in ids), "no unknown words"
+    enc = tok(world.known_qa()[0]["prompt"])["input_ids"]
+    assert enc[0] == 1  # <s> first, as for Llama tokenizers
+    # Words come back joined by single spaces (punctuation is its own word).
+    assert tok.decode(enc, skip_special_tokens=True).replace(" :", ":") == world.known_qa()[0]["prompt"].lower()
+    assert load_tokenizer(tmp_path / "tok").padding_side == "left"
+    with pytest.raises(FileNotFoundError, match="tokenizer folder"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_real_dataset_layouts_convert():
+    import datasets
+
+    trivia = datasets.Dataset.from_list([{
+        "question": "Which planet is the Red Planet?", "question_id": "tc_1", "question_source": "x",
+        "entity_pages": {"doc_source": [], "filename": [], "title": [], "wiki_context": []},
+        "search_results": {"description": [], "filename": [], "rank": [], "title": [], "url": [], "search_context": []},
+        "answer": {"aliases": ["Mars", "Planet Mars"], "normalized_aliases": ["mars"], "matched_wiki_entity_name": "",
+                   "normalized_matched_wiki_entity_name": "", "normalized_value": "mars", "type": "WikipediaEntity",
+                   "value": "Mars"}}])
+    qa = triviaqa_to_qa(trivia)
+    assert qa == [{"id": "tc_1", "question": "Which planet is the Red Planet?", "answer": "Mars",
+                   "answers": ["Mars", "Mars", "Planet Mars"], "prompt": "Q: Which planet is the Red Planet? A:"}]
+    statements = qa_statements(qa, 8)[0]
+    assert len(set(statements)) == 8 and all("Mars" in s for s in statements)
+    nq = nq_open_to_qa(datasets.Dataset.from_list([{"question": "who wrote hamlet", "answer": ["Shakespeare", "W. S."]}]))
+    assert nq[0]["answers"] == ["Shakespeare", "W. S."] and nq[0]["answer"] == "Shakespeare"
+    sqa = simpleqa_to_qa(datasets.Dataset.from_list([{"metadata": json.dumps({"topic": "x"}), "problem": "What?", "answer": "42"}]))
+    assert sqa[0]["question"] == "What?" and sqa[0]["answer"] == "42"
