@@ -11,7 +11,9 @@ Every engine exposes the same small interface to the train loop:
 The memory value tables are not parameters of the module handed to the engine
 (`ProductKeyMemory.set_value_table(register=False)`), so no engine broadcasts, all-reduces,
 reduce-scatters or gathers them; their row-sparse gradients and optimizers live beside.
-With no trainable dense parameter (sparse memory finetuning) `step` does nothing.
+With no trainable dense parameter (sparse memory finetuning) the plain engine runs whatever
+`dist.engine` says: DeepSpeed refuses a backward without an optimizer, and with every dense
+weight frozen there is nothing for ZeRO or FSDP to reduce, shard or step.
 """
 from __future__ import annotations
 
@@ -97,13 +99,9 @@ class DeepSpeedEngine(PlainEngine):
         }
         if user_config:
             ds_config.update(json.loads(Path(user_config).read_text()))
-        self.frozen = optimizer is None
-        if self.frozen:  # nothing dense to train: ZeRO has nothing to partition
-            ds_config["zero_optimization"] = {"stage": 0}
         engine, ds_opt, _, ds_sched = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            model_parameters=None if self.frozen else [p for g in optimizer.param_groups for p in g["params"]],
-            dist_init_required=False,
+            model_parameters=[p for g in optimizer.param_groups for p in g["params"]], dist_init_required=False,
         )
         super().__init__(model, ds_opt, ds_sched, grad_clip, world_size)
         self.engine = engine
@@ -112,21 +110,16 @@ class DeepSpeedEngine(PlainEngine):
         return self.engine(**batch)
 
     def backward(self, loss):
-        if self.frozen:
-            loss.backward()  # only the memory rows' hooks run; DeepSpeed has no gradient to reduce
-        else:
-            self.engine.backward(loss)
+        self.engine.backward(loss)
 
     def step(self):
-        if not self.frozen:
-            self.engine.step()  # clip, reduce(-scatter), step, zero grads, scheduler
+        self.engine.step()  # clip, reduce(-scatter), step, zero grads, scheduler
 
     def save(self, path: Path) -> None:
-        if not self.frozen:
-            self.engine.save_checkpoint(str(path / "deepspeed"), tag="dense", save_latest=False)
+        self.engine.save_checkpoint(str(path / "deepspeed"), tag="dense", save_latest=False)
 
     def load(self, path: Path, with_optimizer: bool = True) -> None:
-        if not self.frozen and with_optimizer and (path / "deepspeed").exists():
+        if with_optimizer and (path / "deepspeed").exists():
             self.engine.load_checkpoint(str(path / "deepspeed"), tag="dense", load_module_strict=False,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
 

@@ -205,11 +205,15 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
 
     run_model = wrapped if wrapped is not None else model
     make_opt = lambda m: _dense_optimizer(cfg, m.parameters())  # noqa: E731
-    if cfg.dist.engine == "deepspeed":
+    has_dense = any(p.requires_grad for p in run_model.parameters())
+    if cfg.dist.engine != "none" and not has_dense and ctx.is_main:
+        log.info("every dense weight is frozen: dist.engine=%s has nothing to do, the plain engine runs",
+                 cfg.dist.engine)
+    if cfg.dist.engine == "deepspeed" and has_dense:
         opt, sched = make_opt(run_model)
         engine = DeepSpeedEngine(run_model, opt, sched, cfg.optim.grad_clip, ctx.world_size, cfg.dist.zero_stage,
                                  cfg.data.batch_size, cfg.dist.deepspeed_config)
-    elif cfg.dist.engine == "fsdp2" and ctx.world_size > 1:
+    elif cfg.dist.engine == "fsdp2" and ctx.world_size > 1 and has_dense:
         engine = FSDP2Engine(run_model, make_opt, cfg.optim.grad_clip, ctx.world_size, ctx.device.type)
     else:
         opt, sched = make_opt(run_model)
