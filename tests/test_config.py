@@ -67,3 +67,14 @@ def test_world_size_arithmetic():
     small = load_config(ROOT / "configs/model/tiny.yaml", ["model.memory_n_keys=2", "model.memory_knn=1"])
     with pytest.raises(ConfigError, match="exceeds the slot count 4"):
         validate(small, world_size=8)
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for d in ("model", "tiny", "paper")
+                                         for p in (ROOT / "configs" / d).glob("*.yaml")))
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(ROOT / path)
+    if "paper" in path:  # the paper's model, checked on the meta device (nothing allocated)
+        from smft_dist.model.inspect import inspect_model
+
+        info = inspect_model(cfg.model, mp=8)
+        assert info["memory_slots"] == 1048576 and info["value_dim"] == 1024
