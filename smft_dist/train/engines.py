@@ -139,16 +139,6 @@ class FSDP2Engine(PlainEngine):
         # FSDP2 reduce-scatters gradients itself: no all_reduce here (world_size=1 below).
         super().__init__(model, optimizer, scheduler, grad_clip, world_size=1)
 
-    def step(self):
-        if self.optimizer is None:
-            return
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None:
-            self.scheduler.step()
-
     def dense_state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

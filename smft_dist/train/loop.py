@@ -86,7 +86,7 @@ def train(cfg: RunConfig) -> int:
         while step < cfg.steps:
             metrics = trainer.train_step(next(batches))
             step += 1
-            metrics["lr"] = cfg.optim.lr if trainer.engine.scheduler is None else trainer.engine.scheduler.get_last_lr()[0]
+            metrics["lr"] = trainer.current_lr()
             metrics["peak_mem_mb"] = round(peak_memory_mb(ctx.device), 1)
             logger.log(step, metrics)
             if checkpointer.due(step) and step < cfg.steps:

@@ -150,6 +150,12 @@ class Trainer:
         metrics["tokens"] = int(self._all_sum([int(batch["attention_mask"].sum())])[0])
         return metrics
 
+    def current_lr(self) -> float:
+        """The learning rate of what trains: the memory rows in sparse mode, else the dense weights."""
+        if self.sparse or self.engine.scheduler is None:
+            return self.memory_optimizer.lr if self.sparse else self.cfg.optim.lr
+        return self.engine.scheduler.get_last_lr()[0]
+
     def checkpoint_meta(self) -> dict:
         from omegaconf import OmegaConf
 
