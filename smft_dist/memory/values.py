@@ -48,6 +48,17 @@ class RowSparse:
     def __bool__(self) -> bool:
         return bool(self._ids)
 
+    def __len__(self) -> int:
+        """Number of added (or coalesced) entries, a mark for `split_off`."""
+        return len(self._ids)
+
+    def split_off(self, start: int) -> "RowSparse":
+        """Remove the entries after the first `start` and return them as a new accumulator."""
+        rest = RowSparse()
+        rest._ids, rest._vals = self._ids[start:], self._vals[start:]
+        del self._ids[start:], self._vals[start:]
+        return rest
+
     def coalesce(self, trailing: tuple = (), dtype=torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (sorted unique ids_U, summed values_U...). Empty tensors when nothing was added."""
         if not self._ids:
@@ -63,6 +74,9 @@ class RowSparse:
 
 class ValueTable(nn.Module):
     """Rows [row_start, row_end) of an N x D memory value table (see module docstring)."""
+
+    group = None  # the memory-parallel process group of a sharded table (None: not sharded)
+    replicate_group = None  # ranks holding the same rows (None: no replicas)
 
     def __init__(self, num_rows: int, dim: int, row_start: int, row_end: int, dtype: torch.dtype = torch.float32,
                  device=None):
@@ -151,6 +165,10 @@ class ValueTable(nn.Module):
         """Scale this step's row gradients: the trainer turns the sum over data-parallel ranks
         into the mean (what DDP/DeepSpeed do for the dense weights) with factor 1/world."""
         self._grad.scale_(factor)
+
+    def sync_replicas(self) -> None:
+        """Combine this step's gradients and counts with the replicas of these rows (after
+        backward). Nothing to do without replicas."""
 
     def zero_step(self) -> None:
         """Forget this step's counts and gradients (call at the start of every step)."""

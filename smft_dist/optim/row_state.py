@@ -1,0 +1,79 @@
+"""Optimizer state for the rows of one value-table shard that have ever been updated.
+
+Shape legend: R rows of this shard, S rows holding state, U rows updated this step, D value dim.
+
+Sparse finetuning touches a few hundred rows per step out of millions, so the state is kept only
+for rows that were updated: a growing buffer per state tensor (capacity doubles, so appending U
+rows is amortised O(U x D)) and an int32 row -> slot map. The map costs 4 bytes per row of the
+shard (not R x D): it makes lookups and inserts O(U), where a sorted id index would re-sort all S
+ids every step.
+"""
+from __future__ import annotations
+
+import torch
+
+from smft_dist.memory.values import ValueTable
+
+
+class RowState:
+    """Named per-row state tensors of shape (S, *trailing), zero-initialised on first use."""
+
+    def __init__(self, table: ValueTable, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+        self.row_start, self.num_local = table.row_start, table.row_end - table.row_start
+        self.device, self.specs = table.weight.device, specs
+        self._slot_R = None  # int32 local row -> slot, -1 = no state (allocated on first use)
+        self._rows_S = torch.empty(0, dtype=torch.long, device=self.device)  # local row of each slot
+        self._bufs = {k: torch.zeros((0, *shape), dtype=dt, device=self.device) for k, (shape, dt) in specs.items()}
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._bufs[name][: self.size]
+
+    def slots(self, rows_U: torch.Tensor) -> torch.Tensor:
+        """-> slots_U (int64) of these unique local rows, allocating zero state for new ones."""
+        if self._slot_R is None:
+            self._slot_R = torch.full((self.num_local,), -1, dtype=torch.int32, device=self.device)
+        slots_U = self._slot_R[rows_U].long()
+        new = slots_U < 0
+        if new.any():
+            n_new = int(new.sum())
+            self._reserve(self.size + n_new)
+            fresh = torch.arange(self.size, self.size + n_new, device=self.device)
+            self._slot_R[rows_U[new]] = fresh.int()
+            self._rows_S[fresh] = rows_U[new]
+            slots_U[new] = fresh
+            self.size += n_new
+        return slots_U
+
+    def _reserve(self, n: int) -> None:
+        cap = self._rows_S.shape[0]
+        if n <= cap:
+            return
+        cap = max(n, 2 * cap, 64)
+        grow = lambda t: torch.cat([t, t.new_zeros((cap - t.shape[0], *t.shape[1:]))])  # noqa: E731
+        self._rows_S = grow(self._rows_S)
+        self._bufs = {k: grow(v) for k, v in self._bufs.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """{"ids": global row ids_S, name: state_S...}: keyed by global id so it can be resharded."""
+        out = {"ids": self._rows_S[: self.size] + self.row_start}
+        out.update({k: self[k].clone() for k in self._bufs})
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load the rows of this shard from a state dict of any shard layout (e.g. the
+        concatenation of every rank's `state_dict()`); rows owned elsewhere are ignored."""
+        missing = set(self.specs) - set(sd)
+        if missing:
+            raise KeyError(f"optimizer row state lacks {sorted(missing)}: was it saved by another optimizer?")
+        ids = sd["ids"].to(self.device, torch.long) - self.row_start
+        mine = (ids >= 0) & (ids < self.num_local)
+        self._slot_R, self.size = None, 0
+        self._rows_S = self._rows_S[:0]
+        self._bufs = {k: v[:0] for k, v in self._bufs.items()}
+        slots = self.slots(ids[mine])
+        for k in self._bufs:
+            self._bufs[k][slots] = sd[k].to(self.device, self._bufs[k].dtype)[mine]

@@ -1,0 +1,168 @@
+"""Row-sparse optimizers for memory value tables (DESIGN §1.3, §2).
+
+Shape legend: U rows updated this step (of this shard), D value dim.
+
+Each reads the table's row-sparse gradient (`table.sparse_grad()`: local ids + rows), updates only
+those rows of the local shard in place, and keeps state only for rows it has updated
+(`RowState`). Cost per step O(U x D), independent of the table size. Storage may be bf16: the
+update is computed in fp32 and cast back.
+
+- `MaskedSGD`: sparse memory finetuning. V[rows] -= lr * G[rows] for the selected rows only.
+- `MaskedAdamW`: the paper's ablation, same selection, lazy AdamW on the selected rows.
+- `RowSparseAdamW`: pretraining / full finetuning of values: lazy AdamW on every touched row.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from smft_dist.memory.values import ValueTable
+from smft_dist.optim.row_state import RowState
+
+Selected = Optional[Sequence[Optional[torch.Tensor]]]
+
+
+def selected_grad(table: ValueTable, selected: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (local rows_U, grad_UD fp32): this step's gradient rows, limited to `selected` global ids
+    (None: every row with a gradient). Usually `restrict_grad_to` already limited them; the
+    intersection keeps the optimizer correct on its own."""
+    rows_U, grad_UD = table.sparse_grad()
+    if selected is not None and rows_U.numel():
+        keep = torch.isin(rows_U + table.row_start, selected.to(rows_U.device))
+        rows_U, grad_UD = rows_U[keep], grad_UD[keep]
+    return rows_U, grad_UD
+
+
+class RowSparseOptimizer:
+    """Base: a list of value tables, one `RowState` per table, `lr` settable by a scheduler."""
+
+    masked = False  # True: `step` requires the selected ids (sparse memory finetuning)
+
+    def __init__(self, tables: Sequence[ValueTable], lr: float):
+        if not lr > 0:
+            raise ValueError(f"memory learning rate {lr} must be > 0 (optim.memory_lr)")
+        self.tables, self.lr = list(tables), float(lr)
+        self.states = [RowState(t, self.state_specs(t)) for t in self.tables]
+
+    def state_specs(self, table: ValueTable) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {}
+
+    def update_rows(self, table: ValueTable, state: RowState, rows_U: torch.Tensor,
+                    grad_UD: torch.Tensor) -> torch.Tensor:
+        """-> the new fp32 value of rows_U (given their gradient)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, selected_ids_per_table: Selected = None) -> int:
+        """Update the rows that have a gradient and are selected (None: all of them).
+        -> the number of rows updated on this rank."""
+        if selected_ids_per_table is None and self.masked:
+            raise ValueError(f"{type(self).__name__}.step needs the selected ids of each table (from select_for_model)")
+        if selected_ids_per_table is None:
+            selected_ids_per_table = [None] * len(self.tables)
+        if len(selected_ids_per_table) != len(self.tables):
+            raise ValueError(f"{len(selected_ids_per_table)} selections for {len(self.tables)} memory tables")
+        n = 0
+        for table, state, selected in zip(self.tables, self.states, selected_ids_per_table):
+            rows_U, grad_UD = selected_grad(table, selected)
+            if rows_U.numel():
+                w = table.weight
+                w[rows_U] = self.update_rows(table, state, rows_U, grad_UD).to(w.dtype)
+                n += rows_U.numel()
+        return n
+
+    def state_dict(self) -> dict:
+        """This shard's state, keyed by global row id (concatenate ranks' dicts to reshard)."""
+        return {"lr": self.lr, "tables": [s.state_dict() for s in self.states]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if len(sd["tables"]) != len(self.states):
+            raise ValueError(f"optimizer state has {len(sd['tables'])} memory tables, the model {len(self.states)}")
+        self.lr = float(sd["lr"])
+        for state, table_sd in zip(self.states, sd["tables"]):
+            state.load_state_dict(table_sd)
+
+
+class MaskedSGD(RowSparseOptimizer):
+    """V[rows] -= lr * G[rows] on the selected rows (no weight decay). With momentum, a buffer
+    (PyTorch SGD's, dampening 0) exists only for rows ever selected; unselected rows stay frozen."""
+
+    masked = True
+
+    def __init__(self, tables: Sequence[ValueTable], lr: float, momentum: float = 0.0):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum {momentum} must be in [0, 1) (optim.momentum)")
+        self.momentum = float(momentum)
+        super().__init__(tables, lr)
+
+    def state_specs(self, table):
+        return {"momentum_buffer": ((table.dim,), torch.float32)} if self.momentum else {}
+
+    def update_rows(self, table, state, rows_U, grad_UD):
+        if self.momentum:
+            slots = state.slots(rows_U)
+            buf = state["momentum_buffer"]
+            grad_UD = buf[slots].mul_(self.momentum).add_(grad_UD)
+            buf[slots] = grad_UD
+        return table.weight[rows_U].float() - self.lr * grad_UD
+
+
+class RowSparseAdamW(RowSparseOptimizer):
+    """Lazy AdamW: only rows with a gradient are updated, each with its own step count for the
+    bias correction; state exists only for rows ever updated. Same arithmetic as torch.optim.AdamW
+    on those rows."""
+
+    def __init__(self, tables: Sequence[ValueTable], lr: float, betas: Sequence[float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        self.beta1, self.beta2 = (float(b) for b in betas)
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        super().__init__(tables, lr)
+
+    def state_specs(self, table):
+        return {"exp_avg": ((table.dim,), torch.float32), "exp_avg_sq": ((table.dim,), torch.float32),
+                "step": ((), torch.int64)}
+
+    def update_rows(self, table, state, rows_U, grad_UD):
+        slots = state.slots(rows_U)
+        step_U = state["step"][slots] + 1
+        state["step"][slots] = step_U
+        m_UD = state["exp_avg"][slots].lerp_(grad_UD, 1 - self.beta1)
+        v_UD = state["exp_avg_sq"][slots].mul_(self.beta2).addcmul_(grad_UD, grad_UD, value=1 - self.beta2)
+        state["exp_avg"][slots], state["exp_avg_sq"][slots] = m_UD, v_UD
+        bc1_U1 = (1 - self.beta1 ** step_U.double())[:, None]
+        bc2_sqrt_U1 = (1 - self.beta2 ** step_U.double()).sqrt()[:, None]
+        w_UD = table.weight[rows_U].float() * (1 - self.lr * self.weight_decay)
+        denom_UD = (v_UD.sqrt() / bc2_sqrt_U1).float() + self.eps
+        return w_UD - (self.lr / bc1_U1).float() * m_UD / denom_UD
+
+
+class MaskedAdamW(RowSparseAdamW):
+    """The paper's ablation: lazy AdamW on the selected rows only (default no weight decay)."""
+
+    def __init__(self, tables, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay: float = 0.0):
+        super().__init__(tables, lr, betas, eps, weight_decay)
+
+    masked = True
+
+
+def merge_state_dicts(shard_sds: Sequence[dict]) -> dict:
+    """One optimizer state dict from every shard's `state_dict()` (e.g. each rank's checkpoint
+    file), loadable at any shard layout. Rows held twice (replicas) are kept once."""
+    tables = []
+    for i in range(len(shard_sds[0]["tables"])):
+        parts = [sd["tables"][i] for sd in shard_sds]
+        ids = torch.cat([p["ids"] for p in parts])
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        first = torch.full_like(uniq, ids.numel()).scatter_reduce_(0, inv, torch.arange(ids.numel()), "amin")
+        tables.append({k: torch.cat([p[k] for p in parts])[first] for k in parts[0]})
+    return {"lr": shard_sds[0]["lr"], "tables": tables}
+
+
+def build_memory_optimizer(tables: Sequence[ValueTable], optim_cfg) -> RowSparseOptimizer:
+    """The sparse-memory-finetuning optimizer named by `optim.memory_optimizer` (sgd | adamw)."""
+    if optim_cfg.memory_optimizer == "sgd":
+        return MaskedSGD(tables, optim_cfg.memory_lr, optim_cfg.momentum)
+    if optim_cfg.memory_optimizer == "adamw":
+        return MaskedAdamW(tables, optim_cfg.memory_lr, optim_cfg.betas, optim_cfg.eps)
+    raise ValueError(f"optim.memory_optimizer={optim_cfg.memory_optimizer!r} is not one of ['sgd', 'adamw']")
