@@ -1,0 +1,1 @@
+"""Benchmarks that write JSON figures (``python -m smft_dist.bench.<name> --json OUT``)."""

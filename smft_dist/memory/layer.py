@@ -59,8 +59,7 @@ class ProductKeyMemory(nn.Module):
             x_TC = x_NC
         slots_THK, scores_THK = self.keys(x_TC)
         w_THK = softmax_weights(scores_THK)
-        T = x_TC.shape[0]
-        y_TD = self.values.embedding_bag(slots_THK.reshape(T, -1), w_THK.reshape(T, -1))
+        y_TD = self.values.embedding_bag(slots_THK.flatten(1), w_THK.flatten(1))  # flatten: T may be 0
         if valid is not None:
             y_ND = y_TD.new_zeros(B * S, self.value_dim)
             y_TD = y_ND.index_put((valid.nonzero().squeeze(1),), y_TD)
