@@ -61,3 +61,21 @@ print("ok")
 """
     r = run_cli([PY, "-c", code])
     assert r.stdout.strip().endswith("ok")
+
+
+def test_fresh_model_is_fully_initialised_without_a_full_table_copy():
+    from smft_dist.config import load_config
+    from smft_dist.dist import init_distributed
+    from smft_dist.train.trainer import build_fresh_model
+
+    cfg = load_config(ROOT / "configs/model/tiny.yaml")
+    model, tables = build_fresh_model(cfg, init_distributed(cfg.dist))
+    layer = model.memory_layers()[0]
+    assert layer.values is tables[0] and tables[0].weight.device.type != "meta"
+    # U(+-1/sqrt(k_dim)) keys, N(0, D^-1/2) values, N(0, 0.02) linears: nothing left as to_empty's garbage
+    torch.testing.assert_close(layer.keys.keys.std().item(), (1 / 64**0.5) / 3**0.5, atol=3e-3, rtol=0)
+    torch.testing.assert_close(tables[0].weight.std().item(), 128**-0.5, atol=2e-3, rtol=0)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all() and p.abs().max() < 2, name
+        if name.endswith("proj.weight") or name.endswith("query.weight"):
+            torch.testing.assert_close(p.std().item(), 0.02, atol=2e-3, rtol=0, msg=name)

@@ -14,6 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from transformers import initialization as init
 
 from smft_dist.memory.layer import ProductKeyMemory
+from smft_dist.memory.product_keys import ProductKeys
+from smft_dist.memory.values import ValueTable
 from smft_dist.model.configuration import SmftConfig
 
 
@@ -33,10 +35,11 @@ class SmftForCausalLM(LlamaForCausalLM):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, ProductKeyMemory):
-            bound = 1.0 / math.sqrt(module.keys.k_dim)
-            init.uniform_(module.keys.keys, -bound, bound)
-            init.normal_(module.values.weight, 0.0, module.value_dim ** -0.5)
+        if isinstance(module, ProductKeys):
+            bound = 1.0 / math.sqrt(module.k_dim)
+            init.uniform_(module.keys, -bound, bound)
+        elif isinstance(module, ValueTable):
+            init.normal_(module.weight, 0.0, module.dim ** -0.5)
 
     def memory_layers(self) -> list[ProductKeyMemory]:
         return [self.model.layers[i].mlp for i in self.config.memory_layers]

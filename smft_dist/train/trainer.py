@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from smft_dist.config import RunConfig
+from smft_dist.config import ConfigError, RunConfig
 from smft_dist.dist import DistContext, shard_memory
+from smft_dist.memory.values import LocalValueTable
 from smft_dist.model import SmftConfig, SmftForCausalLM
 from smft_dist.optim import RowSparseAdamW, build_memory_optimizer, freeze_dense
 from smft_dist.selection import BackgroundIndex, select_for_model
@@ -78,7 +79,10 @@ def load_df_indexes(source: Optional[Path], model, tables) -> Optional[list[Back
     files = [source / f"{n}.safetensors" for n in ckpt.layer_names(model)]
     if not all(f.is_file() for f in files):
         return None
-    return [BackgroundIndex.load(f, t) for f, t in zip(files, tables)]
+    try:
+        return [BackgroundIndex.load(f, t) for f, t in zip(files, tables)]
+    except ValueError as e:  # built for another slot count: a mismatched artifact, like a checkpoint's
+        raise ckpt.CheckpointError(str(e)) from None
 
 
 @dataclass
@@ -165,18 +169,53 @@ class Trainer:
                 "lora": OmegaConf.to_container(OmegaConf.structured(self.cfg.lora))}
 
 
+def build_fresh_model(cfg: RunConfig, ctx: DistContext) -> tuple[SmftForCausalLM, list]:
+    """A seeded model whose memory values are only ever allocated shard by shard.
+
+    The model is built on the meta device; each memory layer gets this rank's table (its rows
+    drawn from a generator seeded by `seed + layer position`, so every mp size draws the same
+    table), then the dense weights are materialised and initialised with the same seed on every
+    rank. No rank ever holds the whole N x D table (4 GiB for the paper's 1M x 1024 in fp32).
+    """
+    with torch.device("meta"):
+        model = SmftForCausalLM(SmftConfig.from_model_config(cfg.model))
+    if ctx.world_size > 1:
+        tables = shard_memory(model, ctx, seed=cfg.seed)
+    else:
+        tables = []
+        for i, layer in enumerate(model.memory_layers()):
+            table = LocalValueTable(layer.num_slots, layer.value_dim, dtype=layer.values.weight.dtype, device=ctx.device)
+            table.reset_parameters(torch.Generator().manual_seed(cfg.seed + i))
+            layer.set_value_table(table, register=False)  # keep it out of to_empty below
+            tables.append(table)
+    for table in tables:
+        table.weight._is_hf_initialized = True  # drawn above; HF's init_weights leaves it alone
+    model.to_empty(device=ctx.device)
+    torch.manual_seed(cfg.seed)  # identical dense init on every rank
+    with torch.no_grad():
+        # _init_weights on every module directly: HF's init_weights() skips modules it marked as
+        # initialised while building on the meta device, leaving to_empty's garbage behind.
+        model.apply(model._init_weights)
+    if ctx.world_size == 1:
+        for layer, table in zip(model.memory_layers(), tables):
+            layer.set_value_table(table, register=True)  # a plain HF model again (save_pretrained)
+    return model, tables
+
+
 def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = None) -> Trainer:
     """Compose model, sharding, method, engine and df index. Weights come from `resume_dir` (a
     checkpoint of this run) if given, else from model.init_from, else a seeded fresh init."""
     hf_dir, init_ckpt = _init_source(cfg)
-    torch.manual_seed(cfg.seed)  # identical dense init on every rank
+    for step_dir in (resume_dir, init_ckpt):  # before anything is built or loaded
+        if step_dir is not None:
+            _check_model_matches(cfg, ckpt.read_meta(step_dir).get("model", {}), step_dir)
     if hf_dir is not None:
         model = SmftForCausalLM.from_pretrained(hf_dir)
-        _check_model_matches(cfg, model.config, hf_dir)
+        _check_model_matches(cfg, model.config.to_dict(), hf_dir)
+        model.to(ctx.device)
+        tables = shard_memory(model, ctx) if ctx.world_size > 1 else [layer.values for layer in model.memory_layers()]
     else:
-        model = SmftForCausalLM(SmftConfig.from_model_config(cfg.model))
-    model.to(ctx.device)
-    tables = shard_memory(model, ctx) if ctx.world_size > 1 else [layer.values for layer in model.memory_layers()]
+        model, tables = build_fresh_model(cfg, ctx)
 
     names = ckpt.layer_names(model)
     if init_ckpt is not None and resume_dir is None:  # before LoRA renames the wrapped linears
@@ -241,9 +280,16 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
     return Trainer(cfg, ctx, model, tables, engine, memory_optimizer, df_indexes, wrapped=wrapped)
 
 
-def _check_model_matches(cfg: RunConfig, hf_config, where) -> None:
-    for key in ("hidden_size", "num_hidden_layers", "memory_n_keys", "memory_value_dim", "memory_layers"):
-        want, have = getattr(cfg.model, key), getattr(hf_config, key)
-        if list(want) != list(have) if isinstance(want, list) else want != have:
-            raise ValueError(f"model.{key}={want} but {where} has {have}: the config and the weights are of "
-                             f"different models (fix model.{key} or model.init_from)")
+# model.* keys that change the shape of some weight (memory_knn, for one, does not).
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "memory_layers", "memory_n_keys", "memory_heads", "memory_k_dim", "memory_value_dim", "memory_swilu")
+
+
+def _check_model_matches(cfg: RunConfig, have: dict, where) -> None:
+    """`have`: the model config saved with the weights at `where` (HF config or checkpoint meta)."""
+    for key in SHAPE_KEYS:
+        want = getattr(cfg.model, key)
+        if key in have and want != have[key]:
+            raise ConfigError(f"model.{key}={want} but {where} holds a model with {key}={have[key]}: the config "
+                              f"and the weights are of different models (fix model.{key}, model.init_from or "
+                              f"checkpoint.resume)")
