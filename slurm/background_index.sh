@@ -1,0 +1,18 @@
+#!/bin/bash
+# Background index: a forward-only pass over the background batches that stores the df of every
+# memory slot with the pretrained checkpoint (needed by TF-IDF selection; run once after pretraining).
+# Submit from the repo root: sbatch slurm/background_index.sh   (docs/slurm.md: overrides, preemption)
+#SBATCH --job-name=smft-bgindex
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=02:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=USR1@120
+CONFIG=${CONFIG:-configs/paper/background_index_1p3b.yaml}
+# sbatch runs a copy of this file from its spool folder: find the repo from the submit folder.
+SMFT_REPO=${SMFT_REPO:-$SLURM_SUBMIT_DIR}
+source "$SMFT_REPO/slurm/_launch.sh" || { echo "submit from the repo root or set SMFT_REPO" >&2; exit 2; }
