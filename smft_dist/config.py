@@ -9,6 +9,7 @@ merged first, so a run config can reuse ``configs/model/tiny.yaml``.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -173,7 +174,7 @@ def _load_yaml(path: Path, seen: tuple = ()) -> Any:
     return _merge_into(merged, node, str(path))
 
 
-def _merge_into(schema, node, source: str):
+def _merge_into(schema, node, source: str, schema_name: str = "smft_dist.config.RunConfig"):
     try:
         return OmegaConf.merge(schema, node)
     except OmegaConfBaseException as e:
@@ -181,7 +182,7 @@ def _merge_into(schema, node, source: str):
         msg = str(e).splitlines()[0]
         raise ConfigError(
             f"{source}: bad config key '{key}': {msg}. "
-            f"Valid keys are the fields of smft_dist.config.RunConfig (see README 'Configuration')."
+            f"Valid keys are the fields of {schema_name} (see README 'Configuration')."
         ) from None
 
 
@@ -229,13 +230,18 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         )
     if m.memory_k_dim % 2:
         raise ConfigError(f"model.memory_k_dim={m.memory_k_dim} must be even (it is split into two halves)")
-    for name in ("memory_heads", "memory_value_dim", "hidden_size", "num_hidden_layers", "vocab_size"):
+    for name in ("memory_heads", "memory_value_dim", "memory_k_dim", "hidden_size", "intermediate_size",
+                 "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if getattr(m, name) < 1:
             raise ConfigError(f"model.{name}={getattr(m, name)} must be >= 1")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
         )
+    kv = m.num_key_value_heads
+    if kv is not None and (kv < 1 or m.num_attention_heads % kv):
+        raise ConfigError(f"model.num_key_value_heads={kv} must be >= 1 and divide "
+                          f"model.num_attention_heads={m.num_attention_heads} (or be null: = num_attention_heads)")
     for i in m.memory_layers:
         if not 0 <= i < m.num_hidden_layers:
             raise ConfigError(
@@ -244,9 +250,19 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
             )
     if len(set(m.memory_layers)) != len(m.memory_layers):
         raise ConfigError(f"model.memory_layers={m.memory_layers} has duplicates")
-    for key in ("data.seq_len", "data.batch_size", "steps", "selection.top_t", "selection.background_batches"):
+    for key in ("data.seq_len", "data.batch_size", "steps", "selection.top_t", "selection.background_batches",
+                "optim.max_nonfinite_steps", "logging.every"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
+    for key in ("data.num_workers", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps"):
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
+    if cfg.data.seq_len > m.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+                          f"{m.max_position_embeddings}: shorten the sequences or raise the limit")
+    if not (cfg.dist.timeout_s > 0 and math.isfinite(cfg.dist.timeout_s)):
+        raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be finite and > 0 (seconds a collective may "
+                          "wait for a peer before the run fails)")
     if not (cfg.optim.lr > 0 and cfg.optim.memory_lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError("optim.lr and optim.memory_lr must be finite and > 0")
     d = cfg.dist
@@ -269,3 +285,41 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                 f"dist.mp={mp} exceeds the slot count {slots} (model.memory_n_keys^2): "
                 "use fewer memory-parallel ranks or more slots"
             )
+
+
+def data_source(cfg: RunConfig) -> tuple[str, Optional[str]]:
+    """-> (key, path) of the data the run's mode reads."""
+    if cfg.mode == "background_index" and cfg.data.background:
+        return "data.background", cfg.data.background
+    return "data.train", cfg.data.train
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail at start-up, before any process group work, on a path the run needs that is missing;
+    the error names the key. Remote URIs (``s3://...``) are left to the loader."""
+    key, data = data_source(cfg)
+    if not data:
+        raise ConfigError(f"mode={cfg.mode} needs data: set {key} (an MDS folder, written by `smft-data`)")
+    checks = [(key, data, "index.json", "an MDS folder written by `smft-data` (synthetic or convert)")]
+    for k in ("model.init_from", "selection.df_path", "dist.deepspeed_config"):
+        checks.append((k, _get(cfg, k), None, "fix the path or unset the key"))
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        checks.append(("checkpoint.resume", cfg.checkpoint.resume, None, "use auto, none or an existing checkpoint"))
+    for k, path, must_hold, fix in checks:
+        if not path or "://" in str(path):
+            continue
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{k}={path} does not exist: {fix}")
+        if must_hold and not (p / must_hold).is_file():
+            raise ConfigError(f"{k}={path} has no {must_hold}: expected {fix}")
+        if must_hold == "index.json" and _mds_samples(p / must_hold) == 0:
+            raise ConfigError(f"{k}={path} holds no samples: check what wrote it")
+
+
+def _mds_samples(index: Path) -> Optional[int]:
+    """Samples listed in an MDS index.json (None if unreadable: the loader then says why)."""
+    try:
+        return sum(int(s.get("samples", 0)) for s in json.loads(index.read_text()).get("shards", []))
+    except (ValueError, OSError, AttributeError):
+        return None

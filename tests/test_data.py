@@ -147,3 +147,25 @@ def test_loader_errors(tmp_path):
         build_dataloader(path, 4, shuffle=False, seed=0, rank=0, world_size=1)
     batch = next(iter(build_dataloader(path, 4, shuffle=False, seed=0, rank=0, world_size=1, drop_last=False)))
     assert batch["input_ids"].dtype == torch.long and batch["labels"][0].tolist()[:4] == [-100, 0, 2, -100]
+
+
+def test_stale_resume_block_of_a_killed_job_is_not_picked_up(tmp_path, monkeypatch):
+    """A SIGKILLed job leaves `<prefix>_resume` in /dev/shm; a new dataset that gets the same
+    prefix must start at the beginning, not at the dead job's position."""
+    from smft_dist.data.streaming_compat import import_streaming
+
+    path = _numbered(tmp_path / "numbered", 64)
+    first = next(forever(build_dataloader(path, 4, shuffle=True, seed=0, rank=0, world_size=1)))["input_ids"]
+    dataset_cls = import_streaming().StreamingDataset
+    init = dataset_cls.__init__
+    stale = {"epoch": 0, "sample_in_epoch": 12, "num_canonical_nodes": 1, "shuffle_seed": 0,
+             "initial_physical_nodes": 1}
+
+    def init_then_plant_stale_block(self, *a, **k):
+        init(self, *a, **k)
+        self.load_state_dict(stale)  # what a killed job left under the prefix this dataset got
+        monkeypatch.setattr(dataset_cls, "__init__", init)
+
+    monkeypatch.setattr(dataset_cls, "__init__", init_then_plant_stale_block)
+    again = build_dataloader(path, 4, shuffle=True, seed=0, rank=0, world_size=1)
+    assert torch.equal(next(forever(again))["input_ids"], first)

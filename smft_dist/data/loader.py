@@ -142,6 +142,7 @@ def build_dataloader(path: str, batch_size: int, *, shuffle: bool, seed: int, ra
             raise DataError(f"{local} is in use by another (or a crashed) streaming job: pass another "
                             f"local_cache, or call clean_stale_shm() at job start if the node is yours") from e
         raise
+    _forget_stale_resume(ds)
     if ds.num_samples == 0:
         raise DataError(f"data path {path} holds no samples: check what wrote it")
     if drop_last and ds.num_samples < batch_size * world_size:
@@ -149,6 +150,25 @@ def build_dataloader(path: str, batch_size: int, *, shuffle: bool, seed: int, ra
                         f"no full batch; lower batch_size or pass drop_last=False")
     return streaming.StreamingDataLoader(ds, batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
                                          num_workers=num_workers, persistent_workers=False)
+
+
+def _forget_stale_resume(ds) -> None:
+    """Drop a `<prefix>_resume` block that a killed job left under this dataset's prefix.
+
+    Streaming reuses the first prefix whose blocks are gone, but a SIGKILLed job leaves its resume
+    block behind, and a new dataset that gets the prefix would silently start from that old
+    position. A real resume comes afterwards, through `load_state_dict`. Collective: the barrier
+    keeps every local rank's unlink before any rank's `load_state_dict`."""
+    from multiprocessing import shared_memory
+
+    try:
+        stale = shared_memory.SharedMemory(name=f"{ds._shm_prefix_int:06}_resume")
+        stale.close()
+        stale.unlink()
+    except FileNotFoundError:
+        pass
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def forever(loader) -> Iterator[dict[str, torch.Tensor]]:

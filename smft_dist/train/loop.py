@@ -13,23 +13,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smft_dist.config import RunConfig, save_config, validate
-from smft_dist.data.loader import forever
+from smft_dist.config import ConfigError, RunConfig, check_paths, data_source, save_config, validate
+from smft_dist.data.loader import DataError, forever
 from smft_dist.dist import init_distributed
 from smft_dist.selection import build_background_index
 from smft_dist.train import checkpoint as ckpt
 from smft_dist.train.metrics import MetricLogger, peak_memory_mb
 from smft_dist.train.preempt import PREEMPTED_EXIT_CODE, PreemptionFlag
-from smft_dist.train.trainer import build_run
+from smft_dist.train.trainer import NonFiniteLossError, build_run
 
 log = logging.getLogger("smft_dist")
+
+
+# What a user can fix from the command line: `main` prints these as one line, not a traceback.
+USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, FileNotFoundError, NonFiniteLossError)
 
 
 def build_loader(cfg: RunConfig, ctx, path: str):
     from smft_dist.data.loader import build_dataloader
 
-    if not path:
-        raise ValueError(f"mode={cfg.mode} needs data: set data.train (an MDS folder, see `smft-data`)")
     return build_dataloader(path, cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
                             rank=ctx.rank, world_size=ctx.world_size, local_cache=cfg.data.local_cache,
                             num_workers=cfg.data.num_workers)
@@ -37,21 +39,22 @@ def build_loader(cfg: RunConfig, ctx, path: str):
 
 def train(cfg: RunConfig) -> int:
     """Run `cfg` to the end; -> process exit code (0, or PREEMPTED_EXIT_CODE after a signal)."""
+    check_paths(cfg)  # before any process group work: a typo fails in seconds, naming the key
     ctx = init_distributed(cfg.dist)
     validate(cfg, ctx.world_size)
     out_dir = Path(cfg.out_dir)
     root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     resume_dir = None
     if cfg.checkpoint.resume == "auto":
         resume_dir = ckpt.latest_checkpoint(root)
     elif cfg.checkpoint.resume != "none":
         resume_dir = ckpt.resolve_checkpoint(cfg.checkpoint.resume)
     trainer = build_run(cfg, ctx, resume_dir)
-    data_path = (cfg.data.background or cfg.data.train) if cfg.mode == "background_index" else cfg.data.train
+    data_path = data_source(cfg)[1]
     loader = build_loader(cfg, ctx, data_path)
+    if ctx.is_main:  # only once the run is known to start: a bad run must not overwrite a good run's config
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
     checkpointer = ckpt.Checkpointer(root, cfg.checkpoint.every, cfg.checkpoint.keep)
     step = 0
     if resume_dir is not None:
@@ -106,7 +109,7 @@ def train(cfg: RunConfig) -> int:
 def main(argv=None) -> int:
     import argparse
 
-    from smft_dist.config import ConfigError, load_config
+    from smft_dist.config import load_config
 
     p = argparse.ArgumentParser(description="Train (pretrain | background_index | finetune) an smft_dist model")
     p.add_argument("--config", required=True)
@@ -115,12 +118,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        return train(load_config(args.config, args.overrides))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        return train(cfg)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

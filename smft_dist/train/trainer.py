@@ -102,8 +102,15 @@ class Trainer:
         return self.cfg.mode == "finetune" and self.cfg.method == "sparse_memory"
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items() if k in
-                ("input_ids", "attention_mask", "labels")}
+        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items() if k in
+                 ("input_ids", "attention_mask", "labels")}
+        if batch["input_ids"].shape[0] == 0:
+            # The HF attention cannot reshape 0 rows, yet this rank must join the memory lookups'
+            # collectives: run one all-padding row instead (no label tokens: it trains nothing).
+            L = max(batch["input_ids"].shape[1], 1)
+            ids = batch["input_ids"].new_zeros(1, L)
+            batch = {"input_ids": ids, "attention_mask": torch.zeros_like(ids), "labels": torch.full_like(ids, -100)}
+        return batch
 
     def _all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
