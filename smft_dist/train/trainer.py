@@ -154,11 +154,11 @@ class Trainer:
             if self.ctx.dp_replicate > 1:
                 t.sync_replicas()
         self.engine.step()
+        updated = self.memory_optimizer.step(selected) if self.memory_optimizer is not None else 0
+        loss_sum, tokens, updated = self._all_sum([loss.item() * n_label, int(batch["attention_mask"].sum()), updated])
+        metrics.update(loss=loss_sum / global_labels, tokens=int(tokens))
         if self.memory_optimizer is not None:
-            updated = self.memory_optimizer.step(selected)
-            metrics["rows_updated"] = int(self._all_sum([updated])[0]) // self.ctx.dp_replicate
-        metrics["loss"] = self._all_sum([loss.item() * n_label])[0] / global_labels
-        metrics["tokens"] = int(self._all_sum([int(batch["attention_mask"].sum())])[0])
+            metrics["rows_updated"] = int(updated) // self.ctx.dp_replicate  # replicas update the same rows
         return metrics
 
     def current_lr(self) -> float:
