@@ -35,10 +35,13 @@ def test_resume_auto_continues_at_step_and_data_position(tiny_data, tmp_path):
 
 def test_pretraining_lowers_the_loss(tiny_data, tmp_path):
     run_cli([PY, "launchers/train.py", "--config", "configs/tiny/pretrain.yaml", f"out_dir={tmp_path}", "steps=30",
-             *data_overrides(tiny_data)])
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+             "logging.tensorboard=true", *data_overrides(tiny_data)])
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert {"loss", "tokens", "tokens_per_s", "lr", "rows_updated", "peak_mem_mb"} <= records[-1].keys()
     assert (tmp_path / "config.yaml").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
 
 
 def test_export_loads_in_fresh_process_and_generates(tiny_pretrained, tiny_data, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -87,7 +88,9 @@ def train(cfg: RunConfig) -> int:
         stack.callback(logger.close)
         batches = forever(loader)
         while step < cfg.steps:
+            t0 = time.perf_counter()
             metrics = trainer.train_step(next(batches))
+            metrics["tokens_per_s"] = round(metrics.get("tokens", 0) / (time.perf_counter() - t0), 1)
             step += 1
             metrics["lr"] = trainer.current_lr()
             metrics["peak_mem_mb"] = round(peak_memory_mb(ctx.device), 1)
