@@ -81,8 +81,8 @@ def train(cfg: RunConfig) -> int:
             print(f"background df index over {cfg.selection.background_batches} batches saved in {path}", flush=True)
         return 0
 
-    preempt = PreemptionFlag()
     with ExitStack() as stack:
+        preempt = stack.enter_context(PreemptionFlag())
         logger = MetricLogger(out_dir, cfg.steps, step, ctx.is_main, cfg.logging.every, cfg.logging.tensorboard,
                               cfg.logging.progress, desc=f"{cfg.mode}/{cfg.method}")
         stack.callback(logger.close)

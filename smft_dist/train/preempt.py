@@ -15,11 +15,20 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the Slurm scripts requeue the job on it
 
 
 class PreemptionFlag:
+    """Context manager: installs the handlers on enter and restores the previous ones on exit, so a
+    process that calls `train()` in-process (the continual demo) stays killable afterwards."""
+
     def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.flag = False
-        self.signum = None
-        for s in signals:
-            signal.signal(s, self._handler)
+        self.signals, self.flag, self.signum = signals, False, None
+        self._saved = {}
+
+    def __enter__(self) -> "PreemptionFlag":
+        self._saved = {s: signal.signal(s, self._handler) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._saved.items():
+            signal.signal(s, handler)
 
     def _handler(self, signum, _frame):
         self.flag, self.signum = True, signum

@@ -1,0 +1,342 @@
+"""The continual-learning benchmark (paper §5, DESIGN §1.4) at a scale that runs on a CPU.
+
+    python launchers/continual.py --config configs/demo/cpu.yaml --out runs/demo [key=value ...]
+
+Stages, each reused when OUT already holds it:
+  1. the synthetic benchmark -> OUT/data (`smft-data synthetic`'s writer);
+  2. pretraining -> OUT/pretrain (the real loop, `smft_dist.train.loop.train`);
+  3. the background df index -> OUT/background_index (same loop, mode=background_index);
+  4. for every method and every setting of its sweep: learn the new facts in order, ONE step per
+     fact on a batch of its paraphrases, from the same pretrained weights; evaluate learned-fact F1
+     (new facts seen so far), known-fact F1 and held-out NLL before, every `eval.every` steps and
+     at the end;
+  5. OUT/report.json, OUT/report.md and PNG plots (`smft_dist.eval.report`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from smft_dist.config import ConfigError, RunConfig, _load_yaml, _merge_into, validate
+
+log = logging.getLogger("smft_dist.continual")
+SCHEMA = "smft_dist.eval.continual.ContinualConfig"
+
+
+@dataclass
+class BenchmarkConfig:
+    """The synthetic world (smft_dist.data.synthetic.SyntheticWorld) and its sequence length."""
+
+    seed: int = 0
+    n_known: int = 300
+    n_new: int = 100
+    paraphrases: int = 64  # = the finetuning batch: one step per fact
+    pretrain_docs: int = 20000
+    background_docs: int = 2000
+    heldout_docs: int = 500
+    seq_len: int = 32
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1000
+    from_checkpoint: Optional[str] = None  # reuse a pretrain run's checkpoints dir instead of training
+    overrides: List[str] = field(default_factory=list)  # key=value on `run` for pretraining (lr, batch...)
+    background_batches: int = 300
+    background_batch_size: int = 32
+
+
+@dataclass
+class MethodSweep:
+    """One row of the report: a method and the settings it is swept over. Every setting starts from
+    the same pretrained weights and sees the same facts in the same order."""
+
+    name: str = "sparse"
+    method: str = "sparse_memory"  # full | lora | sparse_memory
+    overrides: List[str] = field(default_factory=list)  # key=value for every setting
+    sweep: List[str] = field(default_factory=list)  # one setting each: "optim.lr=1e-4 optim.memory_lr=1e-4"
+    ablation: bool = False  # run only when `ablations=true`
+
+
+@dataclass
+class EvalConfig:
+    every: int = 25  # steps between evaluations
+    qa_batch_size: int = 64
+    max_new_tokens: int = 4
+    heldout_batches: int = 8
+    heldout_batch_size: int = 32
+
+
+@dataclass
+class ContinualConfig:
+    run: RunConfig = field(default_factory=RunConfig)  # model/optim defaults shared by every stage
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: List[MethodSweep] = field(default_factory=list)
+    # Matched learning (smft_dist.eval.report): the target is the best learned F1 of `target_method`;
+    # the claims checked in the report are about `reference_method`.
+    reference_method: str = "sparse"
+    target_method: str = "full"
+    ablations: bool = False
+
+
+def load_continual_config(path: str | Path, overrides: Optional[List[str]] = None) -> ContinualConfig:
+    """structured(ContinualConfig) <- yaml (with `base:` includes) <- key=value overrides; every
+    derived RunConfig is validated here, so a bad sweep entry fails before any training."""
+    cfg = _merge_into(OmegaConf.structured(ContinualConfig), _load_yaml(Path(path)), str(path), SCHEMA)
+    for o in overrides or []:
+        # OmegaConf.update, not a dotlist merge: it reaches list elements (methods.0.sweep=[...]).
+        key, sep, value = o.partition("=")
+        if not sep:
+            raise ConfigError(f"override {o!r} is not of the form key=value (e.g. pretrain.steps=500)")
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ConfigError(f"command-line override {o!r}: bad config key '{key}': {str(e).splitlines()[0]}. "
+                              f"Valid keys are the fields of {SCHEMA}") from None
+    c: ContinualConfig = OmegaConf.to_object(cfg)
+    names = [m.name for m in c.methods]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"{path}: methods {names} must be a non-empty list of distinct names")
+    for key in ("reference_method", "target_method"):
+        if getattr(c, key) not in names:
+            raise ConfigError(f"{path}: {key}={getattr(c, key)!r} is not one of the methods {names}")
+    for m in c.methods:
+        for s in m.sweep or [""]:
+            finetune_config(c, m, s, Path("."), where=f"{path}: method {m.name!r} setting {s!r}")
+    return c
+
+
+def derive(base: RunConfig, overrides: List[str], where: str) -> RunConfig:
+    """`base` with key=value overrides, validated (errors name `where` and the key)."""
+    node = OmegaConf.structured(base)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"{where}: {bad[0]!r} is not of the form key=value")
+        node = _merge_into(node, OmegaConf.from_dotlist(list(overrides)), where)
+    run: RunConfig = OmegaConf.to_object(node)
+    try:
+        validate(run)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return run
+
+
+def finetune_config(c: ContinualConfig, m: MethodSweep, setting: str, out: Path, where: str = "") -> RunConfig:
+    b = c.benchmark
+    fixed = [f"mode=finetune", f"method={m.method}", f"model.init_from={out / 'background_index' / 'checkpoints'}",
+             f"data.batch_size={b.paraphrases}", "data.shuffle=false", f"steps={b.n_new}",
+             f"data.seq_len={b.seq_len}", "optim.warmup_steps=0", "optim.schedule=constant"]
+    return derive(c.run, fixed + list(m.overrides) + setting.split(), where or f"method {m.name!r}")
+
+
+# --- stages -------------------------------------------------------------------------------------
+def prepare_data(c: ContinualConfig, out: Path) -> Path:
+    from smft_dist.data.cli import write_synthetic
+    from smft_dist.data.synthetic import SyntheticWorld
+
+    data = out / "data"
+    b = c.benchmark
+    want = {"seed": b.seed, "n_known": b.n_known, "n_new": b.n_new, "paraphrases": b.paraphrases, "seq_len": b.seq_len,
+            "pretrain_docs": b.pretrain_docs, "background_docs": b.background_docs, "heldout_docs": b.heldout_docs}
+    if (data / "meta.json").is_file():
+        meta = json.loads((data / "meta.json").read_text())
+        have = {**meta, **{f"{k}_docs": meta.get(k, {}).get("documents") for k in ("pretrain", "background", "heldout")}}
+        if any(have.get(k) != v for k, v in want.items()):
+            raise ConfigError(f"{data} holds a benchmark with {({k: have.get(k) for k in want})}, the config asks "
+                              f"for {want}: use another --out or delete {data}")
+        log.info("reusing the benchmark in %s", data)
+        return data
+    log.info("writing the synthetic benchmark to %s", data)
+    world = SyntheticWorld(seed=b.seed, n_known=b.n_known, n_new=b.n_new, paraphrases=b.paraphrases,
+                           pretrain_docs=b.pretrain_docs, background_docs=b.background_docs,
+                           heldout_docs=b.heldout_docs)
+    write_synthetic(data, world, b.seq_len)
+    return data
+
+
+def pretrain_and_index(c: ContinualConfig, out: Path, data: Path) -> dict:
+    """Pretrain (unless reusable) and build the df index with the real training loop -> timings."""
+    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.train.loop import train
+
+    times = {}
+    common = [f"data.seq_len={c.benchmark.seq_len}"]
+    pre_root = Path(c.pretrain.from_checkpoint) if c.pretrain.from_checkpoint else out / "pretrain" / "checkpoints"
+    latest = ckpt.latest_checkpoint(pre_root)
+    fresh = latest is None or ckpt.read_meta(latest)["step"] < c.pretrain.steps
+    if fresh and c.pretrain.from_checkpoint:
+        raise ConfigError(f"pretrain.from_checkpoint={pre_root} holds no checkpoint of >= {c.pretrain.steps} steps")
+    stages = []
+    if fresh:
+        stages.append(("pretrain", common + list(c.pretrain.overrides) + [
+            "mode=pretrain", f"steps={c.pretrain.steps}", f"data.train={data / 'pretrain'}",
+            f"out_dir={out / 'pretrain'}", "checkpoint.keep=1"]))
+    if fresh or ckpt.latest_checkpoint(out / "background_index" / "checkpoints") is None:
+        stages.append(("background_index", common + [
+            "mode=background_index", f"model.init_from={pre_root}", f"data.background={data / 'background'}",
+            f"data.batch_size={c.pretrain.background_batch_size}", "data.shuffle=true",
+            f"selection.background_batches={c.pretrain.background_batches}", f"out_dir={out / 'background_index'}",
+            "checkpoint.resume=none"]))
+    for name, overrides in stages:
+        cfg = derive(c.run, overrides, name)
+        t0 = time.time()
+        train(cfg)
+        times[f"{name}_s"] = time.time() - t0
+    return times
+
+
+@dataclass
+class Bench:
+    """What every evaluation needs, loaded once."""
+
+    tokenizer: object
+    known_qa: list
+    new_qa: list
+    fact_batches: list  # one batch of `paraphrases` statements per new fact, in fact order
+    heldout_batches: list
+    ev: EvalConfig
+
+    def evaluate(self, model, n_learned: Optional[int] = None) -> dict:
+        """known-fact F1, F1 on the first `n_learned` new facts (all if None), held-out NLL."""
+        from smft_dist.eval.nll import heldout_nll
+        from smft_dist.eval.qa import evaluate_qa
+
+        qa = lambda pairs: evaluate_qa(model, self.tokenizer, pairs, self.ev.qa_batch_size,  # noqa: E731
+                                       self.ev.max_new_tokens)["f1"] if pairs else 0.0
+        new = self.new_qa if n_learned is None else self.new_qa[:n_learned]
+        return {"learned_f1": qa(new), "known_f1": qa(self.known_qa),
+                "heldout_nll": heldout_nll(model, self.heldout_batches)["nll"]}
+
+
+def load_bench(c: ContinualConfig, data: Path) -> Bench:
+    from transformers import AutoTokenizer
+
+    from smft_dist.data.loader import build_dataloader
+    from smft_dist.eval.qa import load_qa_jsonl
+
+    b = c.benchmark
+    facts = list(build_dataloader(data / "new_facts", b.paraphrases, shuffle=False, seed=0, rank=0, world_size=1))
+    for i, batch in enumerate(facts):  # the protocol: batch i = the paraphrases of fact i, nothing else
+        if not bool((batch["group"] == i).all()):
+            raise RuntimeError(f"{data}/new_facts: batch {i} mixes facts {batch['group'].unique().tolist()}: "
+                               f"benchmark.paraphrases must equal the paraphrases written per fact")
+    held = build_dataloader(data / "heldout", c.eval.heldout_batch_size, shuffle=False, seed=0, rank=0,
+                            world_size=1, drop_last=False)
+    held = [batch for _, batch in zip(range(c.eval.heldout_batches), held)]
+    return Bench(AutoTokenizer.from_pretrained(str(data / "tokenizer")), load_qa_jsonl(data / "eval" / "known_qa.jsonl"),
+                 load_qa_jsonl(data / "eval" / "new_qa.jsonl"), facts, held, c.eval)
+
+
+@contextmanager
+def memory_zeroed(model):
+    """Every memory layer outputs zeros: does the memory (not the dense layers) hold the facts?"""
+    hooks = [layer.register_forward_hook(lambda mod, args, out: torch.zeros_like(out))
+             for layer in model.memory_layers()]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def run_setting(cfg: RunConfig, ctx, bench: Bench, before: dict, desc: str) -> dict:
+    """Learn the facts in order, one step each; -> final metrics and the curve."""
+    from tqdm import tqdm
+
+    from smft_dist.train.trainer import build_run
+
+    trainer = build_run(cfg, ctx)
+    model = trainer.wrapped if trainer.wrapped is not None else trainer.model
+    curve = [{"step": 0, **before}]
+    n, t0, rows = len(bench.fact_batches), time.time(), []
+    for step, batch in enumerate(tqdm(bench.fact_batches, desc=desc, dynamic_ncols=True, leave=False), 1):
+        metrics = trainer.train_step(batch)
+        rows.append(metrics.get("rows_selected", 0))
+        if step % bench.ev.every == 0 or step == n:
+            curve.append({"step": step, **bench.evaluate(model, step)})
+    train_s = time.time() - t0
+    final = curve[-1]
+    drop = 100.0 * (before["known_f1"] - final["known_f1"]) / before["known_f1"] if before["known_f1"] > 0 else 0.0
+    result = {"learned_f1": final["learned_f1"], "known_f1_before": before["known_f1"],
+              "known_f1_after": final["known_f1"], "known_f1_drop_pct": drop,
+              "heldout_nll_before": before["heldout_nll"], "heldout_nll_after": final["heldout_nll"],
+              "steps": n, "wall_s": round(train_s, 1), "curve": curve}
+    if trainer.sparse:
+        result["mean_rows_selected"] = sum(rows) / max(1, len(rows))
+    log.info("%s: learned F1 %.3f, known F1 %.3f -> %.3f (%.1f%% drop), NLL %.3f -> %.3f, %.0f s", desc,
+             result["learned_f1"], before["known_f1"], final["known_f1"], drop, before["heldout_nll"],
+             final["heldout_nll"], train_s)
+    return result
+
+
+def run(c: ContinualConfig, out: Path) -> dict:
+    from smft_dist.dist import init_distributed
+    from smft_dist.eval.report import write_report
+    from smft_dist.train.export import load_checkpoint_model
+
+    t_start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(c), out / "continual_config.yaml")
+    data = prepare_data(c, out)
+    times = pretrain_and_index(c, out, data)
+    bench = load_bench(c, data)
+
+    model, _ = load_checkpoint_model(out / "background_index" / "checkpoints")
+    before = bench.evaluate(model)
+    with memory_zeroed(model):
+        zeroed = bench.evaluate(model)
+    pretrained = {"known_f1": before["known_f1"], "known_f1_memory_zeroed": zeroed["known_f1"],
+                  "new_f1": before["learned_f1"], "heldout_nll": before["heldout_nll"],
+                  "heldout_nll_memory_zeroed": zeroed["heldout_nll"]}
+    log.info("pretrained: known F1 %.3f (memory zeroed: %.3f), new-fact F1 %.3f, held-out NLL %.3f",
+             before["known_f1"], zeroed["known_f1"], before["learned_f1"], before["heldout_nll"])
+    del model
+
+    ctx = init_distributed(c.run.dist)
+    results = {}
+    for m in c.methods:
+        if m.ablation and not c.ablations:
+            continue
+        results[m.name] = {"method": m.method, "overrides": m.overrides, "ablation": m.ablation, "sweep": []}
+        for i, setting in enumerate(m.sweep or [""]):
+            cfg = finetune_config(c, m, setting, out)
+            torch.manual_seed(c.run.seed)
+            r = run_setting(cfg, ctx, bench, before, f"{m.name} [{setting or 'default'}]")
+            results[m.name]["sweep"].append({"setting": setting, **r})
+    report = {"config": OmegaConf.to_container(OmegaConf.structured(c)), "pretrained": pretrained,
+              "sweeps": results, "times": {**times, "total_s": time.time() - t_start}}
+    write_report(out, report, c.reference_method, c.target_method)
+    return report
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Continual-learning benchmark: sparse memory vs full vs LoRA finetuning")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True, help="run folder (reused: data, pretraining and df index are kept)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=500 ablations=true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        c = load_continual_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    report = run(c, Path(args.out))
+    print(f"report: {Path(args.out) / 'report.md'} ({report['times']['total_s']:.0f} s)", flush=True)
+    return 0

@@ -1,0 +1,86 @@
+"""The continual-learning benchmark end to end on the smoke config (a subprocess, ~10-60 s)."""
+import json
+import math
+
+import pytest
+
+from smft_dist.config import ConfigError
+from smft_dist.eval.continual import load_continual_config
+from smft_dist.eval.report import KEYS, choose_shown
+from tests.conftest import PY, run_cli
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("continual") / "smoke"
+    run_cli([PY, "launchers/continual.py", "--config", "configs/demo/smoke.yaml", "--out", str(out)])
+    return out
+
+
+def test_smoke_writes_a_well_formed_report(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert {"methods", "config", "sweeps", "pretrained", "checks"} <= set(report)
+    assert set(report["methods"]) == {"sparse", "full", "lora", "sparse-tf"}  # smoke.yaml: ablations=true
+    for name, m in report["methods"].items():
+        assert set(KEYS) <= set(m), name
+        assert all(math.isfinite(m[k]) for k in KEYS), (name, m)
+        for k in ("learned_f1", "known_f1_before", "known_f1_after"):
+            assert 0.0 <= m[k] <= 1.0, (name, k, m[k])
+        assert m["steps"] == report["config"]["benchmark"]["n_new"]
+        assert m["setting"] == report["sweeps"][name]["sweep"][m["setting_index"]]["setting"]
+        assert m["why"]
+    # every run starts from the same pretrained weights: the same "before" everywhere
+    assert len({(m["known_f1_before"], m["heldout_nll_before"]) for m in report["methods"].values()}) == 1
+    curve = report["sweeps"]["sparse"]["sweep"][0]["curve"]
+    assert [p["step"] for p in curve] == [0, 3, 6]  # eval.every=3 over 6 facts
+    assert {"known_f1", "known_f1_memory_zeroed"} <= set(report["pretrained"])
+
+
+def test_smoke_writes_markdown_and_plots(smoke_run):
+    md = (smoke_run / "report.md").read_text()
+    for name in ("sparse", "full", "lora", "Known-F1 drop", "Why these settings", "Memory ablation"):
+        assert name in md
+    for png in ("curves.png", "pareto.png"):
+        data = (smoke_run / png).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG), png
+        assert f"]({png})" in md
+
+
+def test_rerun_reuses_data_and_pretraining(smoke_run):
+    """A second run into the same folder skips the benchmark, pretraining and df index."""
+    mtime = (smoke_run / "pretrain" / "checkpoints" / "latest").stat().st_mtime
+    r = run_cli([PY, "launchers/continual.py", "--config", "configs/demo/smoke.yaml", "--out", str(smoke_run),
+                 "methods=[{name: sparse, method: sparse_memory, sweep: ['optim.memory_lr=30 selection.top_t=5']}]",
+                 "target_method=sparse"])
+    assert "reusing the benchmark" in r.stderr
+    assert (smoke_run / "pretrain" / "checkpoints" / "latest").stat().st_mtime == mtime
+    assert set(json.loads((smoke_run / "report.json").read_text())["methods"]) == {"sparse"}
+
+
+def _runs(*pairs):
+    return {"sweep": [{"learned_f1": f, "known_f1_drop_pct": d} for f, d in pairs]}
+
+
+def test_matched_learning_choice():
+    sweeps = {"full": _runs((0.2, 10.0), (0.6, 50.0), (0.3, 80.0), (0.6, 60.0)),  # target 0.6
+              "sparse": _runs((0.5, 5.0), (0.7, 20.0), (0.65, 10.0)),  # 0.7 and 0.65 reach: least forgetting
+              "lora": _runs((0.1, 5.0), (0.3, 30.0), (0.3, 20.0))}  # none reaches: best learning, less forgetting
+    shown = choose_shown(sweeps, "full")
+    assert shown["full"][0] == 1 and "matched" in shown["full"][1]
+    assert shown["sparse"][0] == 2
+    assert shown["lora"][0] == 2 and "NOT matched" in shown["lora"][1]
+
+
+def test_config_errors_name_the_key_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="command-line override.*bogus"):
+        load_continual_config("configs/demo/smoke.yaml", ["bogus=1"])
+    with pytest.raises(ConfigError, match="method 'full' setting.*optim.lrr"):
+        load_continual_config("configs/demo/smoke.yaml", ["methods.1.sweep=[optim.lrr=1]"])
+    with pytest.raises(ConfigError, match="target_method"):
+        load_continual_config("configs/demo/smoke.yaml", ["target_method=nope"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("benchmark:\n  n_knwn: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*n_knwn"):
+        load_continual_config(bad)
