@@ -63,9 +63,14 @@ def train(cfg: RunConfig) -> int:
         same = meta.get("world_size") == ctx.world_size and meta.get("mp") == ctx.mp_size
         ckpt.Checkpointer.load_rank_state(resume_dir, trainer.engine, trainer.memory_optimizer, loader,
                                           ctx.mp_rank, same)
-        step = int(meta["step"]) if same else 0
+        step = int(meta["step"])
         if ctx.is_main:
             print(f"resumed from {resume_dir} at step {step}", flush=True)
+            if not same:
+                log.warning("the checkpoint was written at world %s / mp %s, this run is world %d / mp %d: weights "
+                            "and memory (and its optimizer state) are resharded; the dense optimizer state, data position "
+                            "and RNG start afresh",
+                            meta.get("world_size"), meta.get("mp"), ctx.world_size, ctx.mp_size)
 
     def save(at: int):
         return checkpointer.save(at, model=trainer.model, tables=trainer.tables, engine=trainer.engine,

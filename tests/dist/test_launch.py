@@ -71,3 +71,14 @@ def test_sparse_finetune_under_deepspeed_changes_only_top_t_rows(tiny_data, tiny
         changed = (mem != mem_prev).any(dim=1).sum().item()
         assert 0 < changed <= top_t, f"step {step}: {changed} rows changed"
         mem_prev = mem
+
+
+def test_resume_at_another_world_size_continues_at_the_saved_step(tiny_data, tmp_path):
+    common = ["--config", "configs/tiny/pretrain.yaml", f"out_dir={tmp_path}", *data_overrides(tiny_data)]
+    run_cli([PY, "launchers/train.py", *common, "steps=3"])  # one process
+    r = run_cli([*LAUNCHERS["torchrun"], *common, "steps=5"])  # resumed on 2 ranks
+    assert "at step 3" in r.stdout and "resharded" in r.stderr
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    meta = json.loads((tmp_path / "checkpoints" / "step_5" / "meta.json").read_text())
+    assert meta["world_size"] == 2
