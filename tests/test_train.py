@@ -82,3 +82,12 @@ def test_fresh_model_is_fully_initialised_without_a_full_table_copy():
         assert torch.isfinite(p).all() and p.abs().max() < 2, name
         if name.endswith("proj.weight") or name.endswith("query.weight"):
             torch.testing.assert_close(p.std().item(), 0.02, atol=2e-3, rtol=0, msg=name)
+
+
+def test_broken_latest_pointer_fails_instead_of_starting_afresh(tiny_data, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_9")  # the step folder was deleted by hand
+    r = run_cli([PY, "launchers/train.py", "--config", "configs/tiny/pretrain.yaml", f"out_dir={tmp_path}", "steps=2",
+                 *data_overrides(tiny_data)], check=False)
+    assert r.returncode == 2 and "names step_9" in r.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

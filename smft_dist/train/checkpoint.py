@@ -62,10 +62,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Optional[Path]:
-    try:
-        return resolve_checkpoint(root) if Path(root).exists() else None
-    except CheckpointError:
-        return None
+    """The step named by `root/latest`; None when there is none yet. A `latest` that names a missing
+    or incomplete step raises: silently starting afresh would train over a run the user meant to resume."""
+    root = Path(root)
+    return resolve_checkpoint(root) if (root / LATEST).is_file() else None
 
 
 # ----- memory tables -----
