@@ -5,8 +5,8 @@ import math
 import pytest
 
 from smft_dist.config import ConfigError
-from smft_dist.eval.continual import load_continual_config
-from smft_dist.eval.report import KEYS, choose_shown
+from smft_dist.eval.continual import Bench, fact_order, load_continual_config
+from smft_dist.eval.report import KEYS, METRICS, aggregate_orders, choose_shown
 from tests.conftest import PY, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -48,15 +48,49 @@ def test_smoke_writes_markdown_and_plots(smoke_run):
         assert f"]({png})" in md
 
 
-def test_rerun_reuses_data_and_pretraining(smoke_run):
-    """A second run into the same folder skips the benchmark, pretraining and df index."""
+def test_rerun_reuses_data_and_pretraining_over_two_fact_orders(smoke_run):
+    """A second run into the same folder skips the benchmark, pretraining and df index; with
+    fact_orders=2 every number shown is the mean of the two orders' runs."""
     mtime = (smoke_run / "pretrain" / "checkpoints" / "latest").stat().st_mtime
     r = run_cli([PY, "launchers/continual.py", "--config", "configs/demo/smoke.yaml", "--out", str(smoke_run),
                  "methods=[{name: sparse, method: sparse_memory, sweep: ['optim.memory_lr=30 selection.top_t=5']}]",
-                 "target_method=sparse"])
+                 "target_method=sparse", "fact_orders=2"])
     assert "reusing the benchmark" in r.stderr
     assert (smoke_run / "pretrain" / "checkpoints" / "latest").stat().st_mtime == mtime
-    assert set(json.loads((smoke_run / "report.json").read_text())["methods"]) == {"sparse"}
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert set(report["methods"]) == {"sparse"}
+    perms = report["fact_order_permutations"]
+    assert len(perms) == 2 and perms[0] == list(range(6)) and sorted(perms[1]) == perms[0] != perms[1]
+    m, entry = report["methods"]["sparse"], report["sweeps"]["sparse"]["sweep"][0]
+    assert len(m["per_order"]) == len(entry["orders"]) == 2
+    for k in METRICS:
+        assert m[k] == pytest.approx(sum(o[k] for o in m["per_order"]) / 2), k
+    assert m["steps"] == 6 and [p["step"] for p in entry["curve"]] == [0, 3, 6]
+    assert "over 2 orders of the new facts" in (smoke_run / "report.md").read_text()
+
+
+def test_fact_orders_keep_facts_and_questions_together():
+    assert fact_order(10, 0, seed=0) == list(range(10))  # order 0: the benchmark's own
+    perm = fact_order(10, 1, seed=0)
+    assert sorted(perm) == list(range(10)) and perm != list(range(10))
+    assert perm == fact_order(10, 1, seed=0) != fact_order(10, 2, seed=0) != fact_order(10, 1, seed=1)
+    bench = Bench(None, [], [{"q": i} for i in range(10)], [{"fact": i} for i in range(10)], [], None)
+    moved = bench.reordered(perm)
+    assert [q["q"] for q in moved.new_qa] == [b["fact"] for b in moved.fact_batches] == perm
+    assert [q["q"] for q in bench.new_qa] == list(range(10))  # the original is left as it was
+
+
+def test_aggregate_orders_means_std_and_curve():
+    def run(f1, drop):
+        return {**{k: 0.5 for k in METRICS}, "learned_f1": f1, "known_f1_drop_pct": drop, "steps": 4,
+                "wall_s": 1.0, "curve": [{"step": 0, "learned_f1": 0.0, "known_f1": 1.0, "heldout_nll": 2.0},
+                                          {"step": 4, "learned_f1": f1, "known_f1": 1.0, "heldout_nll": 2.0}]}
+    agg = aggregate_orders([run(0.2, 10.0), run(0.4, 20.0), run(0.6, 0.0)])
+    assert agg["learned_f1"] == pytest.approx(0.4) and agg["std"]["learned_f1"] == pytest.approx(0.2)
+    assert agg["known_f1_drop_pct"] == pytest.approx(10.0) and agg["std"]["known_f1_drop_pct"] == pytest.approx(10.0)
+    assert agg["steps"] == 4 and agg["wall_s"] == 3.0 and len(agg["orders"]) == 3
+    assert [p["learned_f1"] for p in agg["curve"]] == pytest.approx([0.0, 0.4])
+    assert aggregate_orders([run(0.3, 5.0)])["std"]["learned_f1"] == 0.0
 
 
 def _runs(*pairs):
@@ -78,6 +112,8 @@ def test_config_errors_name_the_key_and_file(tmp_path):
         load_continual_config("configs/demo/smoke.yaml", ["bogus=1"])
     with pytest.raises(ConfigError, match="method 'full' setting.*optim.lrr"):
         load_continual_config("configs/demo/smoke.yaml", ["methods.1.sweep=[optim.lrr=1]"])
+    with pytest.raises(ConfigError, match="fact_orders=0 must be >= 1"):
+        load_continual_config("configs/demo/smoke.yaml", ["fact_orders=0"])
     with pytest.raises(ConfigError, match="target_method"):
         load_continual_config("configs/demo/smoke.yaml", ["target_method=nope"])
     bad = tmp_path / "bad.yaml"
