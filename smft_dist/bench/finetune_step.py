@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from smft_dist.dist.spawn import run_ranks
 
 
 def _rss_mb() -> dict[str, float]:
@@ -125,58 +125,40 @@ def _step(model, v: _Variant, x, sel_cfg, args, record: bool) -> None:
                        "candidates": stats[0].candidates, "selected": stats[0].selected})
 
 
-def _rank_main(rank: int, world: int, port: int, args, slots: int, queue) -> None:
+def _rank_body(rank: int, world: int, args, slots: int) -> dict:
     """Build the reference (args.ref_slots) and target memory layers on one dense model, then
     alternate their steps: both see the same machine load, so their time ratio is paired."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(args.threads)
     from smft_dist.config import DistConfig
     from smft_dist.dist import init_distributed
 
-    ctx = init_distributed(DistConfig(timeout_s=1200))
-    try:
-        model = _dense_model(args, ctx)
-        g = torch.Generator().manual_seed(1000 + rank)
-        batch = lambda: torch.randint(1, args.vocab, (args.batch, args.seq), generator=g).to(ctx.device)  # noqa: E731
-        background = [batch() for _ in range(args.background)]
-        x = batch()  # the fixed batch
-        variants = [_add_variant(model, ctx, args, n, seed, background)
-                    for seed, n in enumerate(sorted({args.ref_slots, slots}))]
-        setup_peak = _rss_mb()["VmHWM"]
-        peak_reset = _reset_peak_rss()
-        sel_cfg = argparse.Namespace(top_t=args.top_t, mode="tfidf")
-        for step in range(args.warmup + args.steps):
-            for v in variants:
-                _step(model, v, x, sel_cfg, args, record=step >= args.warmup)
-        rss = _rss_mb()
-        by_slots = {v.slots: v for v in variants}
-        target = by_slots[slots]
-        queue.put((rank, {"times": target.rows, "ref_times": by_slots[args.ref_slots].rows,
-                          "peak_rss_mb": rss["VmHWM"] if peak_reset else None, "rss_mb": rss["VmRSS"],
-                          "setup_peak_rss_mb": setup_peak,
-                          "shard_rows": target.tables[0].row_end - target.tables[0].row_start,
-                          "bytes_sent": dict(getattr(target.tables[0], "bytes_sent", {}))}))
-    finally:
-        dist.destroy_process_group()
+    ctx = init_distributed(DistConfig(timeout_s=1200))  # reuses run_ranks' group
+    model = _dense_model(args, ctx)
+    g = torch.Generator().manual_seed(1000 + rank)
+    batch = lambda: torch.randint(1, args.vocab, (args.batch, args.seq), generator=g).to(ctx.device)  # noqa: E731
+    background = [batch() for _ in range(args.background)]
+    x = batch()  # the fixed batch
+    variants = [_add_variant(model, ctx, args, n, seed, background)
+                for seed, n in enumerate(sorted({args.ref_slots, slots}))]
+    setup_peak = _rss_mb()["VmHWM"]
+    peak_reset = _reset_peak_rss()
+    sel_cfg = argparse.Namespace(top_t=args.top_t, mode="tfidf")
+    for step in range(args.warmup + args.steps):
+        for v in variants:
+            _step(model, v, x, sel_cfg, args, record=step >= args.warmup)
+    rss = _rss_mb()
+    by_slots = {v.slots: v for v in variants}
+    target = by_slots[slots]
+    return {"times": target.rows, "ref_times": by_slots[args.ref_slots].rows,
+            "peak_rss_mb": rss["VmHWM"] if peak_reset else None, "rss_mb": rss["VmRSS"],
+            "setup_peak_rss_mb": setup_peak,
+            "shard_rows": target.tables[0].row_end - target.tables[0].row_start,
+            "bytes_sent": dict(getattr(target.tables[0], "bytes_sent", {}))}
 
 
 def run_one(args, slots: int) -> dict:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, args.world, port, args, slots, queue)) for r in range(args.world)]
-    for p in procs:
-        p.start()
-    per_rank = dict(queue.get(timeout=3600) for _ in procs)
-    for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs):
-        raise SystemExit(f"a rank failed for slots={slots}: exit codes {[p.exitcode for p in procs]}")
-    ranks = [per_rank[r] for r in range(args.world)]
+    backend = "nccl" if torch.cuda.device_count() >= args.world else "gloo"
+    ranks = run_ranks(_rank_body, args.world, args, slots, timeout=3600, backend=backend, pg_timeout_s=1200,
+                      threads=args.threads)
     med, worst = _summarise([r["times"] for r in ranks])
     ref_med, ref_worst = _summarise([r["ref_times"] for r in ranks])
     return {

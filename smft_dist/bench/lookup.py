@@ -24,17 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
 import statistics
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from smft_dist.dist.spawn import run_ranks
 from smft_dist.memory.sharded import ShardedValueTable
 from smft_dist.memory.values import DTYPES, LocalValueTable
 
@@ -69,14 +66,11 @@ def step(table, idx_TK, w_TK, g_TD):
     return y.detach(), w.grad
 
 
-def _rank_main(rank, args, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=args.world, timeout=timedelta(seconds=600))
+def _rank_body(rank, world, args) -> dict:
     table = ShardedValueTable(args.slots, args.value_dim, group=dist.group.WORLD, dtype=DTYPES[args.dtype])
     table.reset_parameters(torch.Generator().manual_seed(args.seed))
     idx_TK, w_TK, g_TD = global_batch(args)
-    sl = rank_slice(rank, args.world, args.tokens)
+    sl = rank_slice(rank, world, args.tokens)
     times = []
     for it in range(args.warmup + args.iters):
         dist.barrier()
@@ -90,40 +84,11 @@ def _rank_main(rank, args, port, queue):
         sent = sum(table.bytes_sent.values()) - before
     # lower bound from the ids: remote rows asked for, and rows served to the other ranks
     asked = int((~table.owns(torch.unique(idx_TK[sl]))).sum())
-    served = sum(int(table.owns(torch.unique(idx_TK[rank_slice(q, args.world, args.tokens)])).sum())
-                 for q in range(args.world) if q != rank)
+    served = sum(int(table.owns(torch.unique(idx_TK[rank_slice(q, world, args.tokens)])).sum())
+                 for q in range(world) if q != rank)
     ids, grad = table.sparse_grad()
-    result = dict(times=times, sent=sent, asked=asked, served=served, y=y, w_grad=w_grad,
-                  grad_ids=ids + table.row_start, grad=grad)
-    # numpy arrays pickle by value; torch tensors would pass a shared-memory handle that dies
-    # with this process (a race with the parent's read)
-    queue.put((rank, {k: v.numpy() if torch.is_tensor(v) else v for k, v in result.items()}))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(args) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, args, port, queue)) for r in range(args.world)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in procs:
-        rank, result = queue.get(timeout=3600)
-        results[rank] = {k: torch.from_numpy(v) if hasattr(v, "dtype") else v for k, v in result.items()}
-    for p in procs:
-        p.join()
-        if p.exitcode:
-            raise RuntimeError(f"a benchmark rank exited with code {p.exitcode}")
-    return [results[r] for r in range(args.world)]
+    return dict(times=times, sent=sent, asked=asked, served=served, y=y, w_grad=w_grad,
+                grad_ids=ids + table.row_start, grad=grad)
 
 
 def run_local(args) -> tuple[list[float], tuple, torch.Tensor]:
@@ -173,7 +138,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=str, default=None)
     args = p.parse_args(argv)
 
-    ranks = run_ranks(args)
+    ranks = run_ranks(_rank_body, args.world, args, timeout=3600, pg_timeout_s=600)
     local_times, local, idx_TK = run_local(args)
     err = max_abs_err(args, ranks, local)
     elem = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
