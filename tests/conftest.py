@@ -33,6 +33,24 @@ def tiny_data(tmp_path_factory):
     return out
 
 
+def latest_dir(root) -> Path:
+    """The step folder named by a checkpoint root's `latest` file."""
+    root = Path(root)
+    return root / (root / "latest").read_text().strip()
+
+
+def checkpoint_tensors(step_dir) -> dict:
+    """Dense weights and the memory rows (shards concatenated in row order) of a checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(step_dir) / "dense.safetensors"))
+    shards = sorted((Path(step_dir) / "memory").glob("*.safetensors"),
+                    key=lambda f: int(f.name.split("rows_")[1].split("_")[0]))
+    tensors["memory"] = torch.cat([load_file(str(f))["rows"] for f in shards])
+    return tensors
+
+
 def data_overrides(data) -> list[str]:
     return [f"data.train={data}/pretrain", f"data.background={data}/background", "logging.progress=false"]
 

@@ -2,17 +2,8 @@
 import json
 
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import PY, ROOT, data_overrides, run_cli
-
-
-def final_tensors(out_dir):
-    step_dir = out_dir / "checkpoints" / (out_dir / "checkpoints" / "latest").read_text().strip()
-    tensors = load_file(str(step_dir / "dense.safetensors"))
-    for f in sorted((step_dir / "memory").iterdir()):
-        tensors[f.name] = load_file(str(f))["rows"]
-    return step_dir, tensors
+from tests.conftest import PY, ROOT, checkpoint_tensors, data_overrides, latest_dir, run_cli
 
 
 def test_resume_auto_continues_at_step_and_data_position(tiny_data, tmp_path):
@@ -27,7 +18,8 @@ def test_resume_auto_continues_at_step_and_data_position(tiny_data, tmp_path):
     whole_losses = [json.loads(l)["loss"] for l in (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
     split_losses = [json.loads(l)["loss"] for l in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
     assert whole_losses == split_losses  # same batches in the same order, same weights
-    (_, a), (step_dir, b) = final_tensors(tmp_path / "whole"), final_tensors(tmp_path / "split")
+    step_dir = latest_dir(tmp_path / "split/checkpoints")
+    a, b = checkpoint_tensors(latest_dir(tmp_path / "whole/checkpoints")), checkpoint_tensors(step_dir)
     assert step_dir.name == "step_8" and a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import PY, data_overrides, run_cli
+from tests.conftest import PY, checkpoint_tensors, data_overrides, latest_dir, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -48,24 +47,15 @@ def test_every_mode_and_method_runs_on_two_ranks(launcher, config, tiny_data, ti
         assert all(l["rows_updated"] <= 50 and l["rows_selected"] <= 50 for l in lines)
 
 
-def _checkpoint_tensors(step_dir):
-    dense = load_file(str(step_dir / "dense.safetensors"))
-    rows = {}
-    for f in (step_dir / "memory").iterdir():
-        a = int(f.name.split("rows_")[1].split("_")[0])
-        rows[a] = load_file(str(f))["rows"]
-    memory = torch.cat([rows[a] for a in sorted(rows)])
-    return dense, memory
-
-
 def test_sparse_finetune_under_deepspeed_changes_only_top_t_rows(tiny_data, tiny_pretrained, tmp_path):
     top_t = 20
     launch("deepspeed", "finetune_sparse", tmp_path, "steps=3", "checkpoint.every=1", "checkpoint.keep=10",
            f"selection.top_t={top_t}", data=tiny_data, init_from=tiny_pretrained)
-    start = tiny_pretrained / (tiny_pretrained / "latest").read_text().strip()
-    dense0, mem_prev = _checkpoint_tensors(start)
+    dense0 = checkpoint_tensors(latest_dir(tiny_pretrained))
+    mem_prev = dense0.pop("memory")
     for step in (1, 2, 3):
-        dense, mem = _checkpoint_tensors(tmp_path / "checkpoints" / f"step_{step}")
+        dense = checkpoint_tensors(tmp_path / "checkpoints" / f"step_{step}")
+        mem = dense.pop("memory")
         for k in dense0:
             assert torch.equal(dense[k], dense0[k]), f"dense weight {k} changed at step {step}"
         changed = (mem != mem_prev).any(dim=1).sum().item()

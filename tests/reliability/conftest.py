@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PY, ROOT, run_cli
+from tests.conftest import PY, ROOT, checkpoint_tensors, latest_dir, run_cli  # noqa: F401 (re-exported)
 
 SMALL = ["model.hidden_size=64", "model.intermediate_size=32", "model.num_hidden_layers=2", "model.memory_layers=[1]",
          "model.memory_n_keys=16", "model.memory_knn=4", "model.memory_k_dim=16", "model.memory_value_dim=32",
@@ -29,20 +29,6 @@ def tree_digest(root: Path) -> dict[str, str]:
     """relative path -> sha256 of every file under `root`: 'nothing written was lost or changed'."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def checkpoint_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Dense weights and the memory rows (shards concatenated in row order) of a checkpoint."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(step_dir / "dense.safetensors"))
-    shards = sorted((step_dir / "memory").glob("*.safetensors"), key=lambda f: int(f.name.split("rows_")[1].split("_")[0]))
-    tensors["memory"] = torch.cat([load_file(str(f))["rows"] for f in shards])
-    return tensors
-
-
-def latest_dir(root: Path) -> Path:
-    return root / (root / "latest").read_text().strip()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_train import final_tensors
+from tests.conftest import checkpoint_tensors, latest_dir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -122,7 +122,8 @@ def test_preempted_job_requeues_and_ends_bitwise_equal(slurm_cluster, finetune_o
     assert 2 <= saved < 20 and f"at step {saved}" in log.split("(restart 1)")[1]
     assert metric_steps(out) == list(range(1, 21))  # every step exactly once
 
-    (_, want), (step_dir, got) = final_tensors(tmp_path / "ref"), final_tensors(out)
+    step_dir = latest_dir(out / "checkpoints")
+    want, got = checkpoint_tensors(latest_dir(tmp_path / "ref" / "checkpoints")), checkpoint_tensors(step_dir)
     assert step_dir.name == "step_20" and want.keys() == got.keys()
     for name in want:
         assert torch.equal(want[name], got[name]), name
