@@ -1,4 +1,4 @@
-"""The continual-learning benchmark and CPU demo (thin: the driver is smft_dist.eval.continual).
+"""The continual-learning benchmark and CPU demo (thin: the driver is smft_dist.continual.benchmark).
 
     python launchers/continual.py --config configs/demo/cpu.yaml --out runs/demo [key=value ...]
 """
@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from smft_dist.eval.continual import main  # noqa: E402
+from smft_dist.continual.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

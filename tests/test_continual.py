@@ -5,8 +5,8 @@ import math
 import pytest
 
 from smft_dist.config import ConfigError
-from smft_dist.eval.continual import Bench, fact_order, load_continual_config
-from smft_dist.eval.report import KEYS, METRICS, aggregate_orders, choose_shown
+from smft_dist.continual.benchmark import Bench, fact_order, load_continual_config
+from smft_dist.continual.report import KEYS, METRICS, aggregate_orders, choose_shown
 from tests.conftest import PY, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -60,7 +60,7 @@ print("ok")
 
 def test_fresh_model_is_fully_initialised_without_a_full_table_copy():
     from smft_dist.config import load_config
-    from smft_dist.dist import init_distributed
+    from smft_dist.distributed import init_distributed
     from smft_dist.train.trainer import build_fresh_model
 
     cfg = load_config(ROOT / "configs/model/tiny.yaml")

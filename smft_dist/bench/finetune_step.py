@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from smft_dist.dist.spawn import run_ranks
+from smft_dist.distributed.spawn import run_ranks
 
 
 def _rss_mb() -> dict[str, float]:
@@ -79,7 +79,7 @@ def _dense_model(args, ctx):
 
 
 def _add_variant(model, ctx, args, slots: int, seed: int, background: list) -> _Variant:
-    from smft_dist.dist import shard_memory
+    from smft_dist.distributed import shard_memory
     from smft_dist.memory import ProductKeyMemory
     from smft_dist.optim import MaskedSGD, freeze_dense
     from smft_dist.selection import build_background_index
@@ -129,7 +129,7 @@ def _rank_body(rank: int, world: int, args, slots: int) -> dict:
     """Build the reference (args.ref_slots) and target memory layers on one dense model, then
     alternate their steps: both see the same machine load, so their time ratio is paired."""
     from smft_dist.config import DistConfig
-    from smft_dist.dist import init_distributed
+    from smft_dist.distributed import init_distributed
 
     ctx = init_distributed(DistConfig(timeout_s=1200))  # reuses run_ranks' group
     model = _dense_model(args, ctx)

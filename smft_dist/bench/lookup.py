@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smft_dist.dist.spawn import run_ranks
+from smft_dist.distributed.spawn import run_ranks
 from smft_dist.memory.sharded import ShardedValueTable
 from smft_dist.memory.values import DTYPES, LocalValueTable
 

@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from smft_dist.dist.plan import RowShardPlan
+from smft_dist.memory.plan import RowShardPlan
 from smft_dist.memory.values import ValueTable
 
 
@@ -94,7 +94,7 @@ class ShardedValueTable(ValueTable):
 
     @classmethod
     def from_context(cls, num_rows: int, dim: int, ctx, dtype: torch.dtype = torch.float32) -> "ShardedValueTable":
-        """This rank's shard for a `smft_dist.dist.DistContext`."""
+        """This rank's shard for a `smft_dist.distributed.DistContext`."""
         return cls(num_rows, dim, ctx.mp_group, ctx.replicate_group, dtype=dtype, device=ctx.device)
 
     # ----- communication helpers -----

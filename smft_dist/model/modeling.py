@@ -2,7 +2,7 @@
 
 Registered with `AutoConfig`/`AutoModelForCausalLM` on import of `smft_dist.model`, so
 `save_pretrained` / `from_pretrained` / `generate` work as for any Hugging Face causal LM. The model
-holds no collectives: distribution swaps the memory layers' value tables (smft_dist.dist).
+holds no collectives: distribution swaps the memory layers' value tables (smft_dist.distributed).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from smft_dist.config import ConfigError, RunConfig, check_paths, data_source, save_config, validate
 from smft_dist.data.loader import DataError, forever
-from smft_dist.dist import init_distributed
+from smft_dist.distributed import init_distributed
 from smft_dist.selection import build_background_index
 from smft_dist.train import checkpoint as ckpt
 from smft_dist.train.metrics import MetricLogger, peak_memory_mb

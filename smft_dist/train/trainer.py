@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.config import ConfigError, RunConfig
-from smft_dist.dist import DistContext, shard_memory
+from smft_dist.distributed import DistContext, shard_memory
 from smft_dist.memory.values import LocalValueTable
 from smft_dist.model import SmftConfig, SmftForCausalLM
 from smft_dist.optim import RowSparseAdamW, build_memory_optimizer, freeze_dense

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smft_dist.config import load_config
-from smft_dist.dist import context_from_group, gather_full_table
+from smft_dist.distributed import context_from_group, gather_full_table
 from smft_dist.train.trainer import build_run
 from tests.dist.helpers import run_ranks
 
@@ -29,7 +29,7 @@ def weights_after(rank, world, overrides, steps=2):
     cfg = load_config(ROOT / "configs/tiny/pretrain.yaml", SMALL + overrides)
     ctx = context_from_group(cfg.dist) if world > 1 else None
     if ctx is None:
-        from smft_dist.dist import init_distributed
+        from smft_dist.distributed import init_distributed
         ctx = init_distributed(cfg.dist)
     tr = build_run(cfg, ctx)
     for s in range(steps):

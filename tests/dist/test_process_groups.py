@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.config import ConfigError, DistConfig
-from smft_dist.dist import RowShardPlan, context_from_group, init_distributed, launcher_env
+from smft_dist.distributed import context_from_group, init_distributed, launcher_env
+from smft_dist.memory import RowShardPlan
 from tests.dist.helpers import free_port, run_ranks
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smft_dist.config import load_config
-from smft_dist.dist import context_from_group
+from smft_dist.distributed import context_from_group
 from smft_dist.train import checkpoint as ckpt
 from smft_dist.train.export import load_checkpoint_model
 from smft_dist.train.trainer import build_run

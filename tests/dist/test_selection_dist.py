@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from smft_dist.config import DistConfig
-from smft_dist.dist import context_from_group, gather_full_table, shard_memory
+from smft_dist.distributed import context_from_group, gather_full_table, shard_memory
 from smft_dist.optim import MaskedSGD, freeze_dense
 from smft_dist.selection import BackgroundIndex, build_background_index, select_for_model, select_top_t
 from tests.dist.helpers import run_ranks

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.config import DistConfig
-from smft_dist.dist import context_from_group, gather_full_table, shard_memory, unshard_memory
+from smft_dist.distributed import context_from_group, gather_full_table, shard_memory, unshard_memory
 from smft_dist.memory import LocalValueTable, ProductKeyMemory
 from smft_dist.memory.sharded import ShardedValueTable
 from tests.dist.helpers import run_ranks

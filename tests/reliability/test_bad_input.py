@@ -79,7 +79,7 @@ def test_out_of_range_slot_ids_local_table():
 
 
 def _sharded_out_of_range(rank, world_size):
-    from smft_dist.dist.context import context_from_group
+    from smft_dist.distributed.context import context_from_group
     from smft_dist.memory.sharded import ShardedValueTable
 
     table = ShardedValueTable.from_context(16, 4, context_from_group())
@@ -99,7 +99,7 @@ def test_out_of_range_slot_ids_sharded_table():
 
 # ----- steps that must not update anything -----
 def _trainer(monkeypatch, tmp_path, *overrides):
-    from smft_dist.dist import init_distributed
+    from smft_dist.distributed import init_distributed
     from smft_dist.train.trainer import build_run
 
     single_process_env(monkeypatch)
@@ -172,7 +172,7 @@ def test_nonfinite_loss_skips_the_step_then_stops_after_k_in_a_row(poison, monke
 
 def _one_rank_nan(rank, world_size):
     """Only rank 1 sees a NaN loss: both ranks must skip the step (no rank steps alone)."""
-    from smft_dist.dist.context import context_from_group
+    from smft_dist.distributed.context import context_from_group
     from smft_dist.train.trainer import build_run
 
     cfg = small_config()

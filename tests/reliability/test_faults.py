@@ -106,7 +106,7 @@ def test_failed_save_keeps_previous_checkpoint_latest_and_loadable(tmp_path, mon
     and memory shards of the new step were written) leaves `latest` on the previous step, that
     step byte-for-byte intact and loadable, and no half-written step that looks complete. The
     next successful save clears the leftovers."""
-    from smft_dist.dist import init_distributed
+    from smft_dist.distributed import init_distributed
     from smft_dist.train import checkpoint as ckpt
     from smft_dist.train.trainer import build_run
 
@@ -187,7 +187,7 @@ def _hang_in_subgroup(rank, world_size):
     """World 4 = dp_replicate 2 x mp 2 with dist.timeout_s=3 on a world group of 120 s: rank 1 never
     joins its mp group's all_reduce, so rank 0 must time out after ~3 s, not the backend's 30 min."""
     from smft_dist.config import DistConfig
-    from smft_dist.dist.context import context_from_group
+    from smft_dist.distributed.context import context_from_group
 
     ctx = context_from_group(DistConfig(dp_replicate=2, timeout_s=3))
     error = None

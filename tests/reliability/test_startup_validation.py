@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from smft_dist.config import ConfigError, DistConfig, check_paths, validate
-from smft_dist.dist.context import _sizes
+from smft_dist.distributed.context import _sizes
 from tests.conftest import ROOT
 from tests.reliability.conftest import TRAIN, config_args, small_config
 

@@ -9,9 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-# Module import (not `from ... import ShardedValueTable`): smft_dist.memory.sharded imports
-# smft_dist.dist.plan, which runs this package's __init__ while sharded.py is half-loaded.
-from smft_dist.memory import sharded
+from smft_dist.memory.sharded import ShardedValueTable
 from smft_dist.memory.values import LocalValueTable
 
 
@@ -30,9 +28,9 @@ def shard_memory(model, ctx, seed: Optional[int] = None) -> list:
     tables = []
     for i, layer in enumerate(model.memory_layers()):
         old = layer.values
-        if isinstance(old, sharded.ShardedValueTable):
+        if isinstance(old, ShardedValueTable):
             raise ValueError("the memory is already sharded: call unshard_memory(model) first")
-        table = sharded.ShardedValueTable.from_context(old.num_rows, old.dim, ctx, dtype=old.weight.dtype)
+        table = ShardedValueTable.from_context(old.num_rows, old.dim, ctx, dtype=old.weight.dtype)
         if seed is None:
             with torch.no_grad():
                 table.weight.copy_(old.weight[table.row_start:table.row_end])
@@ -64,7 +62,7 @@ def unshard_memory(model) -> None:
     `save_pretrained` / export). Collective over each table's mp group."""
     for layer in model.memory_layers():
         table = layer.values
-        if not isinstance(table, sharded.ShardedValueTable):
+        if not isinstance(table, ShardedValueTable):
             continue
         full_ND = gather_full_table(table)
         local = LocalValueTable(table.num_rows, table.dim, dtype=full_ND.dtype, device=full_ND.device)

@@ -1,4 +1,4 @@
-"""report.json, report.md and the PNG plots of a continual-learning run (smft_dist.eval.continual).
+"""report.json, report.md and the PNG plots of a continual-learning run (smft_dist.continual.benchmark).
 
 Which setting of each method is shown: the paper compares methods at matched learning of the new
 facts, and its claim is that sparse memory finetuning learns as well as full finetuning. So the

@@ -10,7 +10,7 @@ Stages, each reused when OUT already holds it:
      facts: learn the facts in that order, ONE step per fact on a batch of its paraphrases, from the
      same pretrained weights; evaluate learned-fact F1 (new facts seen so far), known-fact F1 and
      held-out NLL before, every `eval.every` steps and at the end; average over the orders;
-  5. OUT/report.json, OUT/report.md and PNG plots (`smft_dist.eval.report`).
+  5. OUT/report.json, OUT/report.md and PNG plots (`smft_dist.continual.report`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 from smft_dist.config import ConfigError, RunConfig, _load_yaml, _merge_into, validate
 
 log = logging.getLogger("smft_dist.continual")
-SCHEMA = "smft_dist.eval.continual.ContinualConfig"
+SCHEMA = "smft_dist.continual.benchmark.ContinualConfig"
 
 
 @dataclass
@@ -87,7 +87,7 @@ class ContinualConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     methods: List[MethodSweep] = field(default_factory=list)
-    # Matched learning (smft_dist.eval.report): the target is the best learned F1 of `target_method`;
+    # Matched learning (smft_dist.continual.report): the target is the best learned F1 of `target_method`;
     # the claims checked in the report are about `reference_method`.
     reference_method: str = "sparse"
     target_method: str = "full"
@@ -305,8 +305,8 @@ def run_setting(cfg: RunConfig, ctx, bench: Bench, before: dict, desc: str) -> d
 
 
 def run(c: ContinualConfig, out: Path) -> dict:
-    from smft_dist.dist import init_distributed
-    from smft_dist.eval.report import aggregate_orders, write_report
+    from smft_dist.distributed import init_distributed
+    from smft_dist.continual.report import aggregate_orders, write_report
     from smft_dist.train.export import load_checkpoint_model
 
     t_start = time.time()
