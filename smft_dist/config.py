@@ -121,7 +121,8 @@ class CheckpointConfig:
 class LoggingConfig:
     every: int = 1
     tensorboard: bool = False
-    progress: bool = True
+    progress: bool = True  # tqdm bar on a terminal; a log line every progress_every_s otherwise
+    progress_every_s: float = 30.0
 
 
 @dataclass
@@ -254,7 +255,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                 "optim.max_nonfinite_steps", "logging.every"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
-    for key in ("data.num_workers", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps"):
+    for key in ("data.num_workers", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",
+                "logging.progress_every_s"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
     if cfg.data.seq_len > m.max_position_embeddings:

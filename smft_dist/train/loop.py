@@ -89,7 +89,8 @@ def train(cfg: RunConfig) -> int:
     with ExitStack() as stack:
         preempt = stack.enter_context(PreemptionFlag())
         logger = MetricLogger(out_dir, cfg.steps, step, ctx.is_main, cfg.logging.every, cfg.logging.tensorboard,
-                              cfg.logging.progress, desc=f"{cfg.mode}/{cfg.method}")
+                              cfg.logging.progress, desc=f"{cfg.mode}/{cfg.method}",
+                              progress_every_s=cfg.logging.progress_every_s)
         stack.callback(logger.close)
         batches = forever(loader)
         while step < cfg.steps:
