@@ -62,7 +62,7 @@ def test_word_tokenizer_covers_the_world(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
-    assert 300 < len(tok) < 600  # a word-level vocabulary of a few hundred words (DESIGN §5)
+    assert 300 < len(tok) < 600  # a word-level vocabulary of a few hundred words (docs/design.md §5)
     texts = world.pretrain_corpus() + world.heldout_corpus() + sum(world.new_fact_statements(), [])
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     assert all(3 not in x for x in ids), "no unknown words"

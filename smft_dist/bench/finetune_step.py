@@ -1,4 +1,4 @@
-"""Benchmark: one sparse-memory finetune step vs the number of memory slots (DESIGN §2).
+"""Benchmark: one sparse-memory finetune step vs the number of memory slots (docs/design.md §2.7).
 
     python -m smft_dist.bench.finetune_step --world 2 --slots 1048576,4194304,16777216 --json OUT
 

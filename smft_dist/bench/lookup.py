@@ -1,4 +1,4 @@
-"""Benchmark the row-sharded sparse all-to-all lookup against the alternatives (DESIGN §2).
+"""Benchmark the row-sharded sparse all-to-all lookup against the alternatives (docs/design.md §2.3).
 
     python -m smft_dist.bench.lookup --world 2 --slots 16777216 --value-dim 32 --tokens 1024 \\
         --k 32 --skew zipf --json benchmarks/results/lookup_16M_zipf.json

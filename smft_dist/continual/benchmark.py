@@ -1,4 +1,4 @@
-"""The continual-learning benchmark (paper §5, DESIGN §1.4) at a scale that runs on a CPU.
+"""The continual-learning benchmark (paper §5, docs/design.md §1.4) at a scale that runs on a CPU.
 
     python launchers/continual.py --config configs/demo/cpu.yaml --out runs/demo [key=value ...]
 

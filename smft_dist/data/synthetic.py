@@ -2,7 +2,7 @@
 
 A world of people with compositional multi-token names ("mara kel vosh": a first name and two
 surname syllables, each its own word) and attributes (birthplace, occupation, colour, year,
-employer, pet). DESIGN §5: single-token names let the narrow dense MLPs hold the facts; names
+employer, pet). docs/design.md §5: single-token names let the narrow dense MLPs hold the facts; names
 made of several tokens push the facts into the memory layer, which is what the method needs.
 
 - **Known facts** (NaturalQuestions analogue): stated in the pretraining corpus, as statements and

@@ -1,4 +1,4 @@
-"""Process groups for ``world = dp_replicate x mp`` (DESIGN §2).
+"""Process groups for ``world = dp_replicate x mp`` (docs/design.md §2.1).
 
 The world is laid out as `dp_replicate` blocks of `mp` consecutive ranks. Ranks of one block hold
 one copy of the whole memory table, row-sharded (the *mp group*, where the sparse all-to-all runs);

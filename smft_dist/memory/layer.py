@@ -1,4 +1,4 @@
-"""The product-key memory layer that replaces an FFN (DESIGN §1.1).
+"""The product-key memory layer that replaces an FFN (docs/design.md §1.1).
 
 Shape legend: B batch, S sequence, C model dim, T valid (non-padding) tokens, H heads, K knn,
 D value dim.

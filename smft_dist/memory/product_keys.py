@@ -1,4 +1,4 @@
-"""Product-key slot selection (Lample et al. 2019), DESIGN §1.1.
+"""Product-key slot selection (Lample et al. 2019), docs/design.md §1.1.
 
 Shape legend: T tokens, C model dim, H memory heads, n sub-keys per half (slots N = n*n),
 P = k_dim // 2 (half key dim), K knn (slots kept per head).

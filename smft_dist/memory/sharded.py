@@ -1,4 +1,4 @@
-"""Row-sharded memory value table with a sparse all-to-all lookup (DESIGN §2).
+"""Row-sharded memory value table with a sparse all-to-all lookup (docs/design.md §2.3).
 
 Shape legend: U unique ids this rank requests, I ids this rank receives as an owner (sum of its
 receive splits), D value dim, M ranks in the memory-parallel (mp) group, R rows of this shard.

@@ -94,7 +94,7 @@ class ValueTable(nn.Module):
 
     # ----- initialisation -----
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """N(0, D^-1/2) as in DESIGN §1.1. With a generator, a shard draws the same values that
+        """N(0, D^-1/2) as in docs/design.md §1.1. With a generator, a shard draws the same values that
         rows [row_start, row_end) of a full table drawn with that generator would get."""
         std = self.dim ** -0.5
         with torch.no_grad():
@@ -143,7 +143,7 @@ class ValueTable(nn.Module):
 
     def _backward_rows(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
         if self._grad_allowed is not None:
-            # Only the selected rows' gradients leave this rank (DESIGN §2, "consequences").
+            # Only the selected rows' gradients leave this rank (docs/design.md §2.4).
             keep = torch.isin(ids_U, self._grad_allowed)
             ids_U, grad_UD = ids_U[keep], grad_UD[keep]
         self.push_grad(ids_U, grad_UD.float())

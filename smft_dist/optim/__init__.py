@@ -1,4 +1,4 @@
-"""Optimizers for memory value tables (DESIGN §1.3)."""
+"""Optimizers for memory value tables (docs/design.md §1.3)."""
 from smft_dist.optim.freeze import freeze_dense
 from smft_dist.optim.row_state import RowState
 from smft_dist.optim.sparse import (MaskedAdamW, MaskedSGD, RowSparseAdamW, RowSparseOptimizer,

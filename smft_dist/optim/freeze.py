@@ -1,4 +1,4 @@
-"""Freeze everything but the memory values for sparse memory finetuning (DESIGN §1.2, §2)."""
+"""Freeze everything but the memory values for sparse memory finetuning (docs/design.md §1.3, §2.6)."""
 from __future__ import annotations
 
 import torch.nn as nn

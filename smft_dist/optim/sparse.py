@@ -1,4 +1,4 @@
-"""Row-sparse optimizers for memory value tables (DESIGN §1.3, §2).
+"""Row-sparse optimizers for memory value tables (docs/design.md §1.3, §2.5).
 
 Shape legend: U rows updated this step (of this shard), D value dim.
 

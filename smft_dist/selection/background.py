@@ -1,4 +1,4 @@
-"""The background document frequency df(i) of every memory slot (DESIGN §1.2, §2).
+"""The background document frequency df(i) of every memory slot (docs/design.md §1.2, §2.4).
 
 Shape legend: R rows of this shard, R' rows touched in a batch, N rows in the whole table.
 

@@ -1,4 +1,4 @@
-"""Per-step access counts c(i) of a value table's rows (DESIGN §1.2, §2).
+"""Per-step access counts c(i) of a value table's rows (docs/design.md §1.2, §2.4).
 
 Shape legend: R' rows of this shard touched this step.
 

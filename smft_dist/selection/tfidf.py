@@ -1,4 +1,4 @@
-"""TF-IDF ranking of memory slots and the global top-t selection (DESIGN §1.2, §2).
+"""TF-IDF ranking of memory slots and the global top-t selection (docs/design.md §1.2, §2.4).
 
 Shape legend: R' rows of this shard touched this step, t top_t, M memory-parallel group size.
 
