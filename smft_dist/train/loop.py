@@ -17,6 +17,7 @@ import torch.distributed as dist
 from smft_dist.config import ConfigError, RunConfig, check_paths, data_source, save_config, validate
 from smft_dist.data.loader import DataError, forever
 from smft_dist.distributed import init_distributed
+from smft_dist.distributed.replicas import check_replicas
 from smft_dist.selection import build_background_index
 from smft_dist.train import checkpoint as ckpt
 from smft_dist.train.metrics import MetricLogger, peak_memory_mb
@@ -110,6 +111,11 @@ def train(cfg: RunConfig) -> int:
                           f"{PREEMPTED_EXIT_CODE}", flush=True)
                 return PREEMPTED_EXIT_CODE
     save(step)
+    if ctx.dp_replicate > 1:  # only replica 0 was saved: the others must not have drifted from it
+        digests = check_replicas(trainer.tables, ctx)
+        if ctx.is_main:
+            print(f"memory replicas bitwise identical: {ctx.dp_replicate} copies of each of {ctx.mp_size} shards "
+                  f"(rank 0 sha256 {digests})", flush=True)
     if ctx.is_main:
         print(f"done: {step} steps, checkpoint in {root / (root / ckpt.LATEST).read_text().strip()}", flush=True)
     return 0
