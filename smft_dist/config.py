@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -36,10 +36,16 @@ class ModelConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    hidden_act: str = "silu"
     max_position_embeddings: int = 256
     rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None  # HF rope_parameters besides rope_theta, e.g. {rope_type: llama3, ...}
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    pad_token_id: Optional[int] = 0
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Any = 2  # an id or a list of ids (Llama 3)
     memory_layers: List[int] = field(default_factory=lambda: [2])
     memory_n_keys: int = 128  # slots = n_keys ** 2
     memory_heads: int = 4
@@ -49,6 +55,7 @@ class ModelConfig:
     memory_swilu: bool = True
     memory_qk_norm: bool = False
     memory_value_dtype: str = "float32"  # float32 | bfloat16
+    memory_mode: str = "replace"  # replace (the FFN) | add (beside the FFN, zero-init gate: smft-retrofit)
 
 
 @dataclass
@@ -74,6 +81,7 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine
     grad_clip: float = 1.0
     memory_lr: float = 1e-3  # memory values: row-sparse AdamW (pretrain/full) or MaskedSGD lr
+    train_dense: bool = True  # pretrain/full: False trains only the memory layers (and add-mode gates)
     memory_optimizer: str = "sgd"  # sparse-memory finetuning: sgd | adamw (ablation)
     momentum: float = 0.0
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
@@ -153,6 +161,7 @@ _CHOICES = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "dist.device": ("auto", "cpu", "cuda"),
     "model.memory_value_dtype": ("float32", "bfloat16"),
+    "model.memory_mode": ("replace", "add"),
 }
 
 
@@ -187,12 +196,13 @@ def _merge_into(schema, node, source: str, schema_name: str = "smft_dist.config.
         ) from None
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[List[str]] = None) -> RunConfig:
-    """Build a validated `RunConfig` from a YAML file and ``key=value`` overrides."""
+def load_config(path: Optional[str | os.PathLike | List[str | os.PathLike]] = None,
+                overrides: Optional[List[str]] = None) -> RunConfig:
+    """Build a validated `RunConfig` from YAML files (merged in order: a later file's keys win)
+    and ``key=value`` overrides."""
     cfg = OmegaConf.structured(RunConfig)
-    if path is not None:
-        node = _load_yaml(Path(path))
-        cfg = _merge_into(cfg, node, str(path))
+    for one in [path] if isinstance(path, (str, os.PathLike)) else path or []:
+        cfg = _merge_into(cfg, _load_yaml(Path(one)), str(one))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:

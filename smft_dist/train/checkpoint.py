@@ -121,7 +121,7 @@ def load_dense(model, step_dir: Path) -> None:
         if own[k].shape != v.shape:
             raise CheckpointError(f"{step_dir}: {k} has shape {tuple(v.shape)}, the model's is "
                                   f"{tuple(own[k].shape)}: the checkpoint is of another model shape")
-    missing = [k for k in own if k not in state and not k.endswith("mlp.values.weight")]
+    missing = [k for k in own if k not in state and not k.endswith(".values.weight")]  # add mode: mlp.memory.values
     if missing:
         raise CheckpointError(f"{step_dir}: missing weights {missing[:3]}...: the checkpoint is of another model")
     model.load_state_dict(state, strict=False)

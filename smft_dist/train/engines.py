@@ -27,7 +27,7 @@ import torch.nn as nn
 
 
 def _memory_value_keys(model: nn.Module) -> set[str]:
-    return {k for k in model.state_dict() if k.endswith("mlp.values.weight")}
+    return {k for k in model.state_dict() if k.endswith(".values.weight")}  # replace and add (mlp.memory.) modes
 
 
 class PlainEngine:

@@ -2,9 +2,12 @@
 
     smft-export runs/tiny/finetune_sparse/checkpoints --out runs/tiny/hf
 
-The folder loads with `AutoModelForCausalLM.from_pretrained` (after `import smft_dist.model`),
+The folder loads with `AutoModelForCausalLM.from_pretrained` (after `import smft_dist.model`), or
+with `trust_remote_code=True` where smft_dist is not installed (the model's code is written into
+the folder as `modeling_smft.py`, with an `auto_map` in config.json: smft_dist.model.standalone),
 generates, and carries the background df in `background_df/<layer>.safetensors` so a later
-sparse-memory finetune can start from it. LoRA checkpoints are merged into the dense weights.
+sparse-memory finetune can start from it. LoRA checkpoints are merged into the dense weights. With
+`--tokenizer`, the config takes the tokenizer's pad/bos/eos ids.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from smft_dist.config import ModelConfig
 from smft_dist.model import SmftConfig, SmftForCausalLM
+from smft_dist.model.standalone import write_remote_code
 from smft_dist.train import checkpoint as ckpt
 
 
@@ -42,13 +46,20 @@ def export(path: str | Path, out: str | Path, tokenizer: str | None = None) -> P
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if (step_dir / "df").is_dir():
-        shutil.copytree(step_dir / "df", tmp / "background_df")
+    tok = None
     if tokenizer:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(tmp)
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # generate() reads them from the config
+            setattr(model.config, key, getattr(tok, key))
+            setattr(model.generation_config, key, getattr(tok, key))
+    model.save_pretrained(tmp)
+    write_remote_code(tmp)
+    if (step_dir / "df").is_dir():
+        shutil.copytree(step_dir / "df", tmp / "background_df")
+    if tok is not None:
+        tok.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

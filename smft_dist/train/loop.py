@@ -127,7 +127,9 @@ def main(argv=None) -> int:
     from smft_dist.config import load_config
 
     p = argparse.ArgumentParser(description="Train (pretrain | background_index | finetune) an smft_dist model")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, action="append",
+                   help="a YAML run config; repeat to merge several in order (e.g. the model.yaml smft-retrofit writes, "
+                        "then configs/retrofit/continue_pretrain.yaml)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=2")
     args = p.parse_args(argv)

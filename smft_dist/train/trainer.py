@@ -10,10 +10,11 @@ index. `Trainer.train_step(batch)` is the step for every method:
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -68,8 +69,20 @@ def _init_source(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
         raise FileNotFoundError(f"model.init_from={p} does not exist: point it at a checkpoint folder "
                                 "(<out_dir>/checkpoints) or an exported Hugging Face folder")
     if (p / "config.json").is_file() and not (p / "meta.json").is_file():
+        _check_not_dense(p)
         return p, None
     return None, ckpt.resolve_checkpoint(p)
+
+
+def _check_not_dense(hf_dir: Path) -> None:
+    """A dense model (no memory layers) would load with its memory-layer FFNs dropped and random
+    memories in their place: refuse it and point at the conversion."""
+    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    if model_type != SmftConfig.model_type:
+        raise ConfigError(
+            f"model.init_from={hf_dir} is a dense '{model_type}' model without memory layers: convert it first "
+            f"with `smft-retrofit --model {hf_dir} --layers L --mode add --out DIR` (see README 'Retrofit a dense "
+            f"model'), then train with --config DIR/model.yaml")
 
 
 def load_df_indexes(source: Optional[Path], model, tables) -> Optional[list[BackgroundIndex]]:
@@ -247,6 +260,8 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
         for t in tables:
             t.trainable = False
     elif cfg.mode == "pretrain" or cfg.method == "full":
+        if not cfg.optim.train_dense:
+            freeze_dense(model, keep=model.memory_parameters())
         memory_optimizer = RowSparseAdamW(tables, cfg.optim.memory_lr, cfg.optim.betas, cfg.optim.eps, 0.0)
     elif cfg.method == "lora":
         for t in tables:
@@ -289,14 +304,29 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
 
 # model.* keys that change the shape of some weight (memory_knn, for one, does not).
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "memory_layers", "memory_n_keys", "memory_heads", "memory_k_dim", "memory_value_dim", "memory_swilu")
+              "num_key_value_heads", "head_dim", "tie_word_embeddings", "memory_layers", "memory_n_keys",
+              "memory_heads", "memory_k_dim", "memory_value_dim", "memory_swilu", "memory_mode")
+
+
+def _shape_value(section: dict, key: str):
+    """`section[key]` with the Llama defaults spelled out (None kv heads: one per head; None
+    head_dim: hidden_size // heads), so a config and a saved HF config compare equal."""
+    if key == "num_key_value_heads":
+        return section.get(key) or section.get("num_attention_heads")
+    if key == "head_dim":
+        return section.get(key) or section["hidden_size"] // section["num_attention_heads"]
+    return section[key]
 
 
 def _check_model_matches(cfg: RunConfig, have: dict, where) -> None:
     """`have`: the model config saved with the weights at `where` (HF config or checkpoint meta)."""
+    want_section = asdict(cfg.model)
     for key in SHAPE_KEYS:
-        want = getattr(cfg.model, key)
-        if key in have and want != have[key]:
-            raise ConfigError(f"model.{key}={want} but {where} holds a model with {key}={have[key]}: the config "
+        if key not in have:  # a checkpoint written before the key existed
+            continue
+        want, got = _shape_value(want_section, key), _shape_value(have, key)
+        if want != got:
+            raise ConfigError(f"model.{key}={want} but {where} holds a model with {key}={got}: the config "
                               f"and the weights are of different models (fix model.{key}, model.init_from or "
-                              f"checkpoint.resume)")
+                              f"checkpoint.resume; a folder written by smft-retrofit holds its model section in "
+                              f"model.yaml: pass --config <folder>/model.yaml first)")
