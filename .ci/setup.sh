@@ -10,7 +10,7 @@ fi
 PIP=".venv/bin/pip -q --disable-pip-version-check"
 # torch first, pinned by constraints.txt to the CPU build (never torchvision).
 $PIP install -c constraints.txt torch
-$PIP install -c constraints.txt -e ".[dev,tensorboard]"
+$PIP install -c constraints.txt -e ".[dev,tensorboard,lmeval]"
 # mosaicml-streaming pins transformers<5 and torchvision; its runtime needs are listed here.
 $PIP install --no-deps mosaicml-streaming==0.13.0
 $PIP install -c constraints.txt Brotli python-snappy zstd pillow catalogue 2>&1 | grep -v "dependency resolver\|requires\|^$" || true

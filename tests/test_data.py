@@ -36,7 +36,7 @@ def _numbered(folder, n):
 
 def test_synthetic_cli_layout_and_schema(syn):
     meta = json.loads((syn / "meta.json").read_text())
-    assert meta["new_facts"] == {"samples": 3 * 64, "tokens": meta["new_facts"]["tokens"], "truncated": 0}
+    assert meta["new_facts"] == {"samples": 3 * 64, "tokens": meta["new_facts"]["tokens"], "dropped": 0}
     assert sorted(p.name for p in syn.iterdir()) == ["background", "eval", "heldout", "meta.json", "new_facts",
                                                     "pretrain", "tokenizer"]
     assert not list(syn.parent.glob(".*tmp*")), "no temporary folder left behind"
@@ -77,9 +77,9 @@ def test_convert_qa_trains_only_the_answer(tmp_path, syn):
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, syn, capsys):
     tok = str(syn / "tokenizer")
     (tmp_path / "empty.txt").write_text("\n\n")
-    (tmp_path / "x.parquet").write_text("")
+    (tmp_path / "x.csv").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"foo": 1}\n')
-    cases = {"missing.txt": "does not exist", "empty.txt": "empty", "x.parquet": "unknown format",
+    cases = {"missing.txt": "does not exist", "empty.txt": "empty", "x.csv": "unknown format",
              "bad.jsonl": "expected 'text'"}
     for name, message in cases.items():
         out = tmp_path / f"out_{name}"

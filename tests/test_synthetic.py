@@ -1,9 +1,7 @@
-"""The synthetic knowledge benchmark, its tokenizer and the real-dataset converters."""
-import json
+"""The synthetic knowledge benchmark and its tokenizer (the real layouts: tests/test_real_data.py)."""
 
 import pytest
 
-from smft_dist.data.real import nq_open_to_qa, qa_statements, simpleqa_to_qa, triviaqa_to_qa
 from smft_dist.data.synthetic import SyntheticWorld
 from smft_dist.data.tokenizer import load_tokenizer, train_word_tokenizer
 
@@ -73,24 +71,3 @@ def test_word_tokenizer_covers_the_world(tmp_path):
     assert load_tokenizer(tmp_path / "tok").padding_side == "left"
     with pytest.raises(FileNotFoundError, match="tokenizer folder"):
         load_tokenizer(tmp_path / "missing")
-
-
-def test_real_dataset_layouts_convert():
-    import datasets
-
-    trivia = datasets.Dataset.from_list([{
-        "question": "Which planet is the Red Planet?", "question_id": "tc_1", "question_source": "x",
-        "entity_pages": {"doc_source": [], "filename": [], "title": [], "wiki_context": []},
-        "search_results": {"description": [], "filename": [], "rank": [], "title": [], "url": [], "search_context": []},
-        "answer": {"aliases": ["Mars", "Planet Mars"], "normalized_aliases": ["mars"], "matched_wiki_entity_name": "",
-                   "normalized_matched_wiki_entity_name": "", "normalized_value": "mars", "type": "WikipediaEntity",
-                   "value": "Mars"}}])
-    qa = triviaqa_to_qa(trivia)
-    assert qa == [{"id": "tc_1", "question": "Which planet is the Red Planet?", "answer": "Mars",
-                   "answers": ["Mars", "Mars", "Planet Mars"], "prompt": "Q: Which planet is the Red Planet? A:"}]
-    statements = qa_statements(qa, 8)[0]
-    assert len(set(statements)) == 8 and all("Mars" in s for s in statements)
-    nq = nq_open_to_qa(datasets.Dataset.from_list([{"question": "who wrote hamlet", "answer": ["Shakespeare", "W. S."]}]))
-    assert nq[0]["answers"] == ["Shakespeare", "W. S."] and nq[0]["answer"] == "Shakespeare"
-    sqa = simpleqa_to_qa(datasets.Dataset.from_list([{"metadata": json.dumps({"topic": "x"}), "problem": "What?", "answer": "42"}]))
-    assert sqa[0]["question"] == "What?" and sqa[0]["answer"] == "42"

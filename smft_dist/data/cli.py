@@ -1,98 +1,192 @@
 """`smft-data`: write MDS shards in the trainer's schema (smft_dist.data.mds).
 
     smft-data synthetic --out data/syn --seed 0 --n-known 300 --n-new 100 --seq-len 32
-    smft-data convert corpus.txt more.jsonl --tokenizer data/syn/tokenizer --out data/pt --packed
+    smft-data convert dclm/*.jsonl.zst --tokenizer TOK --out data/pt --packed --seq-len 2048 --workers 8
     smft-data convert qa.jsonl --tokenizer TOK --out data/ft --seq-len 64      # loss on answers
-    smft-data convert --hf path/to/saved_dataset --split train --tokenizer TOK --out data/x
+    smft-data facts triviaqa.jsonl --tokenizer TOK --out data/triviaqa-facts --paraphrases 64
+    smft-data docs pages.jsonl --tokenizer TOK --out data/simpleqa-docs --augmentations 64 --seq-len 512
 
-Inputs: text files (one document per non-empty line), JSONL with {"text"}, {"question", "answer"}
-or {"prompt", "completion"} per line, or a `datasets` dataset (a `save_to_disk` folder, or a hub
-name when a hub is reachable) with the same fields. Outputs are written into a temporary folder and
-renamed when complete. Bad input exits with status 2 and a message naming the path and the fix.
+Inputs: text files (one document per non-empty line), JSONL (plain, .gz or .zst) and Parquet with
+{"text"}, {"question", "answer"} or {"prompt", "completion"} rows (`facts`: TriviaQA, NQ-open or
+SimpleQA rows; `docs`: {"id", "text"}), or a `datasets` dataset (`--hf`: a `save_to_disk` folder,
+or a hub name where a hub is reachable). Outputs are written into a temporary folder and renamed
+when complete. Bad input exits with status 2 and one `error:` line naming the path and the fix.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator
 
-from smft_dist.data.mds import WriteStats, atomic_dir, example_samples, packed_samples, write_mds
-from smft_dist.data.synthetic import SyntheticWorld, qa_prompt
-from smft_dist.data.tokenizer import load_tokenizer, train_word_tokenizer
+from smft_dist.data.documents import augment, load_augmentations, split_chunks
+from smft_dist.data.loader import DataError
+from smft_dist.data.mds import (Encoder, WriteStats, atomic_dir, example_samples, merge_parts, packed_samples,
+                                write_info, write_mds)
+from smft_dist.data.real import fact_statements, load_paraphrases, qa_rows
+from smft_dist.data.sources import check_inputs, read_rows
+from smft_dist.data.synthetic import SyntheticWorld
+from smft_dist.data.tokenizer import load_tokenizer, special_token_ids, train_word_tokenizer
 
 
-class DataError(ValueError):
-    """Bad input: the message names the path and the fix."""
-
-
-def normalise(row: dict, where: str) -> dict:
-    """One input row -> {"text"} or {"prompt", "completion"}."""
+def normalise(where: str, row: dict) -> dict:
+    """One input row -> {"where", "text"} or {"where", "prompt", "completion"}; a QA row in any
+    layout of smft_dist.data.real trains on its first answer."""
     if "prompt" in row and "completion" in row:
-        return {"prompt": str(row["prompt"]), "completion": str(row["completion"])}
-    if "question" in row and "answer" in row:
-        answer = row["answer"]
-        answer = answer[0] if isinstance(answer, (list, tuple)) and answer else answer
-        return {"prompt": qa_prompt(str(row["question"])), "completion": str(answer)}
+        return {"where": where, "prompt": str(row["prompt"]), "completion": str(row["completion"])}
     if "text" in row:
-        return {"text": str(row["text"])}
+        return {"where": where, "text": str(row["text"])}
+    if ("question" in row or "problem" in row) and "answer" in row:
+        qa = qa_rows([(where, row)])[0]
+        return {"where": where, "prompt": qa["prompt"], "completion": qa["answer"]}
     raise DataError(f"{where}: a row has fields {sorted(row)}; expected 'text', 'question'+'answer' "
                     f"or 'prompt'+'completion'")
 
 
-def read_records(inputs: list[str], hf: str | None, hf_config: str | None, split: str) -> Iterator[dict]:
-    if hf is not None:
-        import datasets
+def _info(args, enc: Encoder, layout: str, stats: WriteStats, **extra) -> dict:
+    return {"layout": layout, "tokenizer": str(Path(args.tokenizer).resolve()), "seq_len": args.seq_len,
+            "vocab_size": enc.vocab_size, **special_token_ids(enc.tokenizer), **vars(stats), **extra}
 
-        if Path(hf).is_dir():
-            ds = datasets.load_from_disk(hf)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{hf}: no split {split!r} (has {list(ds)}): pass --split")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(hf, hf_config, split=split)
-        for row in ds:
-            yield normalise(row, hf)
-    for name in inputs:
-        path = Path(name)
-        if not path.is_file():
-            raise DataError(f"input {path} does not exist or is not a file: check the path")
-        if path.suffix in (".jsonl", ".json"):
-            with open(path) as f:
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{path}:{i}: not a JSON object ({e}): write one object per line") from None
-                        yield normalise(row, f"{path}:{i}")
-        elif path.suffix in (".txt", ".text", ".md", ""):
-            with open(path) as f:
-                yield from ({"text": line.strip()} for line in f if line.strip())
-        else:
-            raise DataError(f"input {path}: unknown format {path.suffix!r}: use .txt (one document per line) "
-                            f"or .jsonl, or --hf for a datasets folder")
+
+def _report_dropped(stats: WriteStats, what: str) -> None:
+    if stats.dropped:
+        print(f"smft-data: warning: dropped {stats.dropped} {what} longer than --seq-len (--on-long drop)",
+              file=sys.stderr)
+
+
+def _convert_part(args, k: int, n: int, out: Path, remote: str | None) -> dict:
+    """Tokenize part k of n of the input into the MDS folder `out` (a worker's job)."""
+    enc = Encoder(load_tokenizer(args.tokenizer), args.seq_len, args.vocab_size)
+    stats = WriteStats()
+    rows = read_rows(args.inputs, args.hf, args.hf_config, args.split, part=(k, n))
+    records = (normalise(where, row) for where, row in rows)
+    if args.packed:
+        texts = ((r["where"], r["text"] if "text" in r else f"{r['prompt']} {r['completion']}") for r in records)
+        samples = packed_samples(enc, texts, stats)
+    else:
+        samples = example_samples(enc, ([r] for r in records), stats, args.on_long)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        write_mds(out, samples, remote=remote)
+    except DataError:
+        raise
+    except ValueError as e:  # no samples
+        if n == 1 or stats.dropped:
+            raise DataError(f"{', '.join(args.inputs) or args.hf}: {e}") from None
+        shutil.rmtree(out)  # more workers than blocks of rows: this part is empty
+    return vars(stats)
 
 
 def convert(args) -> dict:
-    if not args.inputs and args.hf is None:
-        raise DataError("no input: pass text/JSONL files or --hf DATASET")
-    tok = load_tokenizer(args.tokenizer)
-    stats = WriteStats()
-    records = read_records(args.inputs, args.hf, args.hf_config, args.split)
+    check_inputs(args.inputs, args.hf)
+    if args.workers < 1:
+        raise DataError(f"--workers {args.workers}: must be >= 1")
+    enc = Encoder(load_tokenizer(args.tokenizer), args.seq_len, args.vocab_size)  # fail fast on the tokenizer
+    t0 = time.perf_counter()
     with atomic_dir(args.out, args.overwrite) as tmp:
-        if args.packed:
-            texts = (r["text"] if "text" in r else f"{r['prompt']} {r['completion']}" for r in records)
-            samples = packed_samples(tok, texts, args.seq_len, stats)
+        if args.workers == 1:
+            parts = [_convert_part(args, 0, 1, tmp, args.remote)]
         else:
-            samples = example_samples(tok, records, args.seq_len, stats)
-        try:
-            write_mds(tmp, samples)
-        except ValueError as e:
-            raise DataError(f"{', '.join(args.inputs) or args.hf}: {e}") from None
-    return vars(stats)
+            remote = lambda k: args.remote and f"{args.remote.rstrip('/')}/part_{k:03d}"  # noqa: E731
+            with ProcessPoolExecutor(args.workers, mp_context=get_context("fork")) as pool:
+                futures = [pool.submit(_convert_part, args, k, args.workers, tmp / f"part_{k:03d}", remote(k))
+                           for k in range(args.workers)]
+                parts = [f.result() for f in futures]
+            if not any(p["samples"] for p in parts):
+                raise DataError(f"no samples to write into {args.out}: the input is empty")
+            merge_parts(tmp, args.remote)
+        stats = WriteStats(**{key: sum(p[key] for p in parts) for key in parts[0]})
+        seconds = time.perf_counter() - t0
+        result = _info(args, enc, "packed" if args.packed else "examples", stats, workers=args.workers,
+                       seconds=round(seconds, 3), tokens_per_s=round(stats.tokens / seconds, 1))
+        write_info(tmp, **result)
+    _report_dropped(stats, "examples")
+    return result
+
+
+def _write_groups(args, tmp: Path, enc: Encoder, groups: list[list[dict]], what: str) -> WriteStats:
+    """The grouped MDS of `facts`/`docs` into tmp/train, one group after the other."""
+    stats = WriteStats()
+    (tmp / "train").mkdir()
+    write_mds(tmp / "train", example_samples(enc, groups, stats, args.on_long), grouped=True)
+    _report_dropped(stats, what)
+    return stats
+
+
+def _texts_per_group(items: list[dict], n: int, user: dict | None, make, what: str, flag: str) -> list[list[str]]:
+    """`n` texts for each item: from the user's file (the first n of its list) or `make(item, n)`."""
+    if user is None:
+        return [make(item, n) for item in items]
+    user = {str(k): v for k, v in user.items()}
+    out = []
+    for item in items:
+        texts = user.get(str(item["id"]))
+        if texts is None:
+            raise DataError(f"{flag}: no entry for {what} id {item['id']!r}: give every {what} its texts")
+        if len(texts) < n:
+            raise DataError(f"{flag}: {what} id {item['id']!r} has {len(texts)} texts, fewer than {n}: every group "
+                            f"needs the same count (one group per global batch); lower the count to {len(texts)}")
+        out.append(texts[:n])
+    return out
+
+
+def facts(args) -> dict:
+    check_inputs(args.inputs, args.hf)
+    enc = Encoder(load_tokenizer(args.tokenizer), args.seq_len, args.vocab_size)
+    qa = qa_rows(read_rows(args.inputs, args.hf, args.hf_config, args.split))
+    if not qa:
+        raise DataError(f"no QA rows in {', '.join(args.inputs) or args.hf}: the input is empty")
+    user = load_paraphrases(args.paraphrases_file) if args.paraphrases_file else None
+    texts = _texts_per_group(qa, args.paraphrases, user, lambda q, n: fact_statements(q, n, args.seed), "fact",
+                             "--paraphrases-file")
+    groups = [[{"where": f"{q['source']} (fact {q['id']!r}, paraphrase {j})", "text": t, "group": g}
+               for j, t in enumerate(ts)] for g, (q, ts) in enumerate(zip(qa, texts))]
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        stats = _write_groups(args, tmp, enc, groups, "facts")
+        kept = _kept(groups)
+        with open(tmp / "qa.jsonl", "w") as f:  # evaluation: the facts that were written, every answer
+            f.writelines(json.dumps(dict(qa[g], group=g)) + "\n" for g in kept)
+        with open(tmp / "statements.jsonl", "w") as f:
+            f.writelines(json.dumps({"id": qa[g]["id"], "group": g, "paraphrases": texts[g]}) + "\n" for g in kept)
+        info = _info(args, enc, "facts", stats, groups=len(kept), paraphrases=args.paraphrases)
+        write_info(tmp / "train", **info)
+    return info
+
+
+def _kept(groups: list[list[dict]]) -> list[int]:
+    """Indices of the groups that were written (not dropped by --on-long drop)."""
+    return [g for g, group in enumerate(groups) if not group[0].get("dropped")]
+
+
+def docs(args) -> dict:
+    check_inputs(args.inputs, None)
+    enc = Encoder(load_tokenizer(args.tokenizer), args.seq_len, args.vocab_size)
+    count = lambda text: len(enc.ids([text], ["a chunk"])[0])  # noqa: E731
+    chunks = []
+    for where, row in read_rows(args.inputs):
+        if "text" not in row:
+            raise DataError(f"{where}: a document has fields {sorted(row)}; expected {{\"id\", \"text\"}}")
+        chunks += split_chunks(row.get("id", where), str(row["text"]), count, args.chunk_tokens)
+    if not chunks:
+        raise DataError(f"no documents in {', '.join(args.inputs)}: the input is empty")
+    user = load_augmentations(args.augmentations_file) if args.augmentations_file else None
+    texts = _texts_per_group(chunks, args.augmentations, user, lambda c, n: augment(c, n, args.seed), "chunk",
+                             "--augmentations-file")
+    groups = [[{"where": f"chunk {c['id']!r} augmentation {j}", "text": t, "group": g} for j, t in enumerate(ts)]
+              for g, (c, ts) in enumerate(zip(chunks, texts))]
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        stats = _write_groups(args, tmp, enc, groups, "chunks")
+        kept = _kept(groups)
+        with open(tmp / "chunks.jsonl", "w") as f:
+            f.writelines(json.dumps(dict(chunks[g], group=g, augmentations=texts[g])) + "\n" for g in kept)
+        info = _info(args, enc, "docs", stats, groups=len(kept), augmentations=args.augmentations,
+                     chunk_tokens=args.chunk_tokens)
+        write_info(tmp / "train", **info)
+    return info
 
 
 def write_synthetic(out: str | Path, world: SyntheticWorld, seq_len: int, overwrite: bool = False) -> dict:
@@ -101,18 +195,19 @@ def write_synthetic(out: str | Path, world: SyntheticWorld, seq_len: int, overwr
             "seq_len": seq_len, "format": "smft-mds-v1"}
     with atomic_dir(out, overwrite) as tmp:
         tok = train_word_tokenizer(world.vocabulary_texts(), tmp / "tokenizer")
+        enc = Encoder(tok, seq_len)
         meta["vocab_size"] = len(tok)
         corpora = {"pretrain": world.pretrain_corpus(), "background": world.background_corpus(),
                    "heldout": world.heldout_corpus()}
         for name, texts in corpora.items():
             stats = WriteStats()
-            write_mds(tmp / name, packed_samples(tok, texts, seq_len, stats))
+            documents = ((f"{name} document {i}", t) for i, t in enumerate(texts))
+            write_mds(tmp / name, packed_samples(enc, documents, stats))
             meta[name] = dict(vars(stats), documents=len(texts))
-        records = ({"text": s, "group": i} for i, para in enumerate(world.new_fact_statements()) for s in para)
+        groups = ([{"where": f"new fact {i} paraphrase {j}", "text": s, "group": i} for j, s in enumerate(para)]
+                  for i, para in enumerate(world.new_fact_statements()))
         stats = WriteStats()
-        write_mds(tmp / "new_facts", example_samples(tok, records, seq_len, stats), grouped=True)
-        if stats.truncated:
-            raise DataError(f"{stats.truncated} new-fact statements exceed --seq-len {seq_len}: raise --seq-len")
+        write_mds(tmp / "new_facts", example_samples(enc, groups, stats), grouped=True)
         meta["new_facts"] = vars(stats)
         (tmp / "eval").mkdir()
         for name, qa in (("known_qa", world.known_qa()), ("new_qa", world.new_qa())):
@@ -139,17 +234,55 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--heldout-docs", type=int, default=500)
     s.add_argument("--seq-len", type=int, default=32)
     s.add_argument("--overwrite", action="store_true")
-    c = sub.add_parser("convert", help="tokenize text/JSONL/datasets into MDS")
-    c.add_argument("inputs", nargs="*", help="text (.txt) or JSONL (.jsonl) files")
-    c.add_argument("--hf", help="a datasets folder (save_to_disk) or hub name")
-    c.add_argument("--hf-config")
-    c.add_argument("--split", default="train")
-    c.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder")
-    c.add_argument("--out", required=True)
-    c.add_argument("--seq-len", type=int, default=64)
+    c = sub.add_parser("convert", help="tokenize text/JSONL/Parquet/datasets into MDS (pretraining or examples)",
+                       description="Writes OUT (MDS + smft_data.json). With --workers N, N processes tokenize "
+                                   "disjoint blocks of rows into OUT/part_*/ and one index.json is merged over them.")
+    _inputs(c, hf=True)
+    _writing(c, seq_len=64)
     c.add_argument("--packed", action="store_true", help="pretraining layout (else one padded example per row)")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
+    c.add_argument("--remote", help="also upload the shards here (s3://..., gs://..., or a folder); --out is "
+                                    "the local copy")
+    f = sub.add_parser("facts", help="QA rows (TriviaQA, NQ-open, SimpleQA) -> fact-learning groups",
+                       description="Writes OUT/train (MDS: one sample per paraphrase, the paraphrases of a fact "
+                                   "consecutive, column group = the fact's row index), OUT/qa.jsonl (every "
+                                   "accepted answer, for F1), OUT/statements.jsonl.")
+    _inputs(f, hf=True)
+    _writing(f, seq_len=64)
+    f.add_argument("--paraphrases", type=int, default=64, help="statements per fact (one global batch each)")
+    f.add_argument("--paraphrases-file", help='JSONL of {"id", "paraphrases": [...]} (e.g. written by an LM); '
+                                              "ids: TriviaQA question_id, else the row's 0-based index")
+    f.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("docs", help='documents {"id", "text"} -> chunks with augmentations (document QA)',
+                       description="Writes OUT/train (MDS: one group per chunk, its augmentations consecutive) "
+                                   "and OUT/chunks.jsonl.")
+    _inputs(d, hf=False)
+    _writing(d, seq_len=512)
+    d.add_argument("--chunk-tokens", type=int, default=256, help="at most this many tokens per chunk")
+    d.add_argument("--augmentations", type=int, default=64, help="texts per chunk (one global batch each)")
+    d.add_argument("--augmentations-file", help='JSONL of {"id": "<doc id>#<k>", "augmentations": [...]}')
+    d.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _inputs(p: argparse.ArgumentParser, hf: bool) -> None:
+    p.add_argument("inputs", nargs="*", help="input files (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet)")
+    if hf:
+        p.add_argument("--hf", help="a datasets folder (save_to_disk) or hub name")
+        p.add_argument("--hf-config")
+        p.add_argument("--split", default="train")
+
+
+def _writing(p: argparse.ArgumentParser, seq_len: int) -> None:
+    p.add_argument("--tokenizer", required=True, help="any Hugging Face tokenizer folder (the model's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sample (data.seq_len of the run)")
+    p.add_argument("--vocab-size", type=int, help="the model's vocab_size: every token id must be below it "
+                                                  "(default: the tokenizer's size)")
+    p.add_argument("--on-long", choices=("error", "drop"), default="error",
+                   help="an example longer than --seq-len: fail naming it (default), or drop it (its whole "
+                        "group) with a warning that counts them")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                                    background_docs=args.background_docs, heldout_docs=args.heldout_docs)
             result = write_synthetic(args.out, world, args.seq_len, args.overwrite)
         else:
-            result = convert(args)
+            result = {"convert": convert, "facts": facts, "docs": docs}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # DataError, size checks, paths
         print(f"smft-data: error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@
     loader.load_state_dict(saved)            # optional: resume where a checkpoint left off
     batches = forever(loader)                # loops over epochs; the trainer takes N steps
     batch = next(batches)                    # input_ids/attention_mask/labels: (B, L) int64
-    saved = loader.state_dict()              # a small dict: epoch and global sample position
+    saved = loader.state_dict()              # a small dict: epoch, global sample position, dataset id
 
 Ranks read disjoint parts of each epoch (streaming partitions the sample space over the ranks in
 RANK/WORLD_SIZE); without shuffling, step s of the whole world covers global samples
@@ -20,6 +20,7 @@ other jobs: call `clean_stale_shm()` only at the start of a job that has the nod
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 import tempfile
@@ -148,8 +149,66 @@ def build_dataloader(path: str, batch_size: int, *, shuffle: bool, seed: int, ra
     if drop_last and ds.num_samples < batch_size * world_size:
         raise DataError(f"{path}: {ds.num_samples} samples < batch_size {batch_size} x world {world_size}: "
                         f"no full batch; lower batch_size or pass drop_last=False")
-    return streaming.StreamingDataLoader(ds, batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
-                                         num_workers=num_workers, persistent_workers=False)
+    loader = _fingerprinted_loader_class()(ds, batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
+                                           num_workers=num_workers, persistent_workers=False)
+    loader.dataset_id = {"path": str(path), "fingerprint": dataset_fingerprint(Path(local) / "index.json")}
+    return loader
+
+
+def dataset_fingerprint(index_json: str | Path) -> str:
+    """A dataset's identity: the SHA-256 (first 16 hex digits) of its MDS index.json, which lists
+    every shard with its size and, as `smft-data` writes them, a hash of its bytes: it changes
+    whenever the samples do. (An index written without shard hashes identifies only the shard
+    names and sizes.)"""
+    return hashlib.sha256(Path(index_json).read_bytes()).hexdigest()[:16]
+
+
+@functools.cache
+def _fingerprinted_loader_class():
+    """`StreamingDataLoader` whose saved position names the dataset it is a position in
+    (`dataset_id`: path and fingerprint); restoring it onto other data raises `DataError` instead
+    of silently skipping or repeating samples. (A subclass made on first use: streaming is imported
+    lazily, see streaming_compat.)"""
+
+    class FingerprintedLoader(import_streaming().StreamingDataLoader):
+        dataset_id: dict
+
+        def state_dict(self):
+            state = super().state_dict()
+            return None if state is None else dict(state, dataset=self.dataset_id)
+
+        def load_state_dict(self, obj: dict) -> None:
+            obj = dict(obj)
+            saved = obj.pop("dataset", None)  # absent in positions saved before fingerprints
+            if saved is not None and saved["fingerprint"] != self.dataset_id["fingerprint"]:
+                raise DataError(
+                    f"the saved data position is in dataset {saved['path']} (index fingerprint {saved['fingerprint']}) "
+                    f"but this run reads {self.dataset_id['path']} (fingerprint {self.dataset_id['fingerprint']}): "
+                    f"resuming would skip or repeat samples of the new data. Resume with the saved dataset, or start "
+                    f"afresh on the new one: a new out_dir with model.init_from=<this run's checkpoints> (or "
+                    f"checkpoint.resume=none)")
+            super().load_state_dict(obj)
+
+    return FingerprintedLoader
+
+
+def check_one_group_per_batch(dataset, batch_size: int, world_size: int, grad_accum: int) -> None:
+    """Refuse an unshuffled grouped set (one fact's paraphrases per group) whose global batch
+    (batch_size x world x grad_accum samples) is not exactly its first group: each step would then
+    learn part of a fact, or two. Datasets without a `group` column pass. Reads at most 4 x G
+    samples."""
+    global_batch = batch_size * world_size * grad_accum
+    if dataset.num_samples == 0 or "group" not in dataset[0]:
+        return
+    first, size, cap = int(dataset[0]["group"]), 1, min(4 * global_batch, dataset.num_samples)
+    while size < cap and int(dataset[size]["group"]) == first:
+        size += 1
+    if size != global_batch:
+        held = f"more than {size - 1}" if size == cap and cap < dataset.num_samples else str(size)
+        raise DataError(
+            f"the finetune set's first group holds {held} samples (one fact's paraphrases) but a global batch is "
+            f"data.batch_size {batch_size} x world {world_size} x optim.grad_accum {grad_accum} = {global_batch}: "
+            f"make the product {size} so that every step is one fact, or set data.one_group_per_batch=false")
 
 
 def _forget_stale_resume(ds) -> None:

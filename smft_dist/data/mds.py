@@ -11,9 +11,14 @@ Two layouts:
   chunks; the last chunk is padded.
 - per example (finetuning): one `<s> prompt completion </s>` per sample, right-padded to L. With
   a prompt the loss covers only the completion and `</s>`; a plain text trains on all its tokens.
+  Paraphrases of one fact (or augmentations of one chunk) are consecutive samples sharing a
+  `group`; each is padded to L on its own, so no paraphrase can attend to (copy from) another.
+
+Every token id is checked against the model's vocab_size while writing (`Encoder`).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -23,8 +28,10 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from smft_dist.data.loader import DataError
 from smft_dist.data.streaming_compat import import_streaming
 
+INFO_FILE = "smft_data.json"
 COLUMNS = {"input_ids": "ndarray:int32", "attention_mask": "ndarray:uint8", "loss_mask": "ndarray:uint8"}
 
 
@@ -32,7 +39,34 @@ COLUMNS = {"input_ids": "ndarray:int32", "attention_mask": "ndarray:uint8", "los
 class WriteStats:
     samples: int = 0
     tokens: int = 0  # non-padding tokens
-    truncated: int = 0  # examples cut to fit seq_len
+    dropped: int = 0  # groups (examples) dropped for being longer than seq_len (--on-long drop)
+
+
+class Encoder:
+    """Tokenizes texts and checks every id against the model's `vocab_size` (default: the
+    tokenizer's size), naming the offending text. bos/eos/pad come from the tokenizer."""
+
+    def __init__(self, tokenizer, seq_len: int, vocab_size: int | None = None):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        self.vocab_size = vocab_size or len(tokenizer)
+        self.bos, self.eos, self.pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        if self.eos is None or self.pad is None:
+            raise DataError("the tokenizer has no eos token (and so no pad token): use a tokenizer with an eos token")
+        for name, i in (("bos", self.bos), ("eos", self.eos), ("pad", self.pad)):
+            if i is not None and i >= self.vocab_size:
+                raise DataError(f"the tokenizer's {name} id {i} >= vocab_size {self.vocab_size}: use the model's "
+                                f"tokenizer or a model with a larger vocab_size")
+        self.head = [self.bos] if self.bos is not None else []
+
+    def ids(self, texts: list[str], wheres: list[str]) -> list[list[int]]:
+        out = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        for ids, where in zip(out, wheres):
+            if ids and max(ids) >= self.vocab_size:
+                bad = max(ids)
+                raise DataError(f"{where}: token id {bad} ({self.tokenizer.convert_ids_to_tokens(bad)!r}) is >= "
+                                f"vocab_size {self.vocab_size}: the tokenizer does not match the model; use the "
+                                f"model's tokenizer or raise --vocab-size / model.vocab_size")
+        return out
 
 
 def _sample(ids: Sequence[int], loss: Sequence[int], seq_len: int, pad_id: int, group: int | None) -> dict:
@@ -49,55 +83,74 @@ def _sample(ids: Sequence[int], loss: Sequence[int], seq_len: int, pad_id: int, 
     return out
 
 
-def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    items = iter(items)
+    while chunk := [x for _, x in zip(range(size), items)]:
+        yield chunk
 
 
-def packed_samples(tokenizer, texts: Iterable[str], seq_len: int, stats: WriteStats,
+def packed_samples(enc: Encoder, texts: Iterable[tuple[str, str]], stats: WriteStats,
                    chunk: int = 4096) -> Iterator[dict]:
-    """`<s> text </s>` for each text, concatenated and cut into `seq_len` chunks."""
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    """`<s> text </s>` for each (where, text), concatenated and cut into `seq_len` chunks (a
+    document may be split across samples: that is how pretraining corpora are packed)."""
+    L = enc.seq_len
     buf: list[int] = []
-    texts = iter(texts)
-    while batch := [t for _, t in zip(range(chunk), texts)]:
-        for ids in _ids(tokenizer, batch):
-            buf += ([bos] if bos is not None else []) + ids + [eos]
-        while len(buf) >= seq_len:
+    for batch in _chunks(texts, chunk):
+        for ids in enc.ids([t for _, t in batch], [w for w, _ in batch]):
+            buf += enc.head + ids + [enc.eos]
+        while len(buf) >= L:
             stats.samples += 1
-            stats.tokens += seq_len
-            yield _sample(buf[:seq_len], [1] * seq_len, seq_len, pad, None)
-            buf = buf[seq_len:]
+            stats.tokens += L
+            yield _sample(buf[:L], [1] * L, L, enc.pad, None)
+            buf = buf[L:]
     if buf:  # the tail, padded
         stats.samples += 1
         stats.tokens += len(buf)
-        yield _sample(buf, [1] * len(buf), seq_len, pad, None)
+        yield _sample(buf, [1] * len(buf), L, enc.pad, None)
 
 
-def example_samples(tokenizer, records: Iterable[dict], seq_len: int, stats: WriteStats,
+def example_samples(enc: Encoder, groups: Iterable[list[dict]], stats: WriteStats, on_long: str = "error",
                     chunk: int = 4096) -> Iterator[dict]:
-    """One padded sample per record: {"text"} (loss on every token) or {"prompt", "completion"}
-    (loss on the completion and `</s>`); an optional int "group" is kept."""
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    head = [bos] if bos is not None else []
-    records = iter(records)
-    while batch := [r for _, r in zip(range(chunk), records)]:
-        prompted = ["prompt" in r for r in batch]
-        first = _ids(tokenizer, [r["prompt"] if p else r["text"] for r, p in zip(batch, prompted)])
-        second = _ids(tokenizer, [" " + r["completion"].lstrip() for r, p in zip(batch, prompted) if p])
-        second_it = iter(second)
-        for r, p, a in zip(batch, prompted, first):
-            b = next(second_it) + [eos] if p else [eos]
-            if not p:  # a plain text: every token after <s> is trained
-                a, b = [], a + b
-            room = seq_len - len(head) - len(b)  # what is left for the prompt
-            if room < len(a):  # too long: keep the completion, cut the prompt's start
-                stats.truncated += 1
-                a = a[len(a) - room:] if room > 0 else []
-                b = b[: seq_len - len(head)]
-            ids = head + a + b
-            stats.samples += 1
-            stats.tokens += len(ids)
-            yield _sample(ids, [0] * (len(head) + len(a)) + [1] * len(b), seq_len, pad, r.get("group"))
+    """One right-padded sample per record, group after group. A record is {"where", "text"} (loss
+    on every token) or {"where", "prompt", "completion"} (loss on the completion and `</s>`), with
+    an optional int "group". An example longer than `seq_len` is never cut (a cut statement or
+    answer trains on nothing useful): `on_long="error"` raises naming it and the length it needs,
+    `"drop"` drops its whole group, counts it in `stats.dropped` and marks its records
+    `"dropped": True`."""
+    if on_long not in ("error", "drop"):
+        raise ValueError(f"on_long={on_long!r}: use 'error' or 'drop'")
+    L = enc.seq_len
+    for batch in _chunks(groups, max(1, chunk)):
+        records = [r for g in batch for r in g]
+        prompted = ["prompt" in r for r in records]
+        wheres = [r["where"] for r in records]
+        first = enc.ids([r["prompt"] if p else r["text"] for r, p in zip(records, prompted)], wheres)
+        second = iter(enc.ids([" " + r["completion"].lstrip() for r, p in zip(records, prompted) if p],
+                              [w for w, p in zip(wheres, prompted) if p]))
+        encoded = iter(zip(records, prompted, first))
+        for group in batch:
+            parts = []
+            for _ in group:
+                r, p, a = next(encoded)
+                b = next(second) + [enc.eos] if p else a + [enc.eos]
+                a = a if p else []  # a plain text: every token after <s> is trained
+                parts.append((r, enc.head + a + b, len(enc.head) + len(a)))
+            too_long = [(r, len(ids)) for r, ids, _ in parts if len(ids) > L]
+            if too_long:
+                if on_long == "drop":
+                    stats.dropped += 1
+                    for r in group:
+                        r["dropped"] = True  # the caller learns which groups were written
+                    continue
+                (r, need) = too_long[0]
+                what = "the example" if len(group) == 1 else f"the example (group {r.get('group')})"
+                raise DataError(f"{r['where']}: {what} needs {need} tokens but --seq-len is {L}: raise --seq-len "
+                                f"to at least {need}, or pass --on-long drop to skip such examples "
+                                f"({'and their whole group' if len(group) > 1 else 'counted in the output'})")
+            for r, ids, n_prompt in parts:
+                stats.samples += 1
+                stats.tokens += len(ids)
+                yield _sample(ids, [0] * n_prompt + [1] * (len(ids) - n_prompt), L, enc.pad, r.get("group"))
 
 
 @contextmanager
@@ -122,16 +175,41 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
 
 
 def write_mds(out_dir: str | Path, samples: Iterable[dict], grouped: bool = False,
-              size_limit: int = 1 << 26) -> int:
-    """Write `samples` (dicts in the schema above) as MDS shards into an existing empty folder.
+              size_limit: int = 1 << 26, remote: str | None = None) -> int:
+    """Write `samples` (dicts in the schema above) as MDS shards into an existing empty folder,
+    and also to `remote` (a URI MDSWriter can upload to, or another folder) if given.
     Returns the number written; raises if there were none."""
     streaming = import_streaming()
     columns = dict(COLUMNS, **({"group": "int"} if grouped else {}))
+    out = (str(out_dir), remote) if remote else str(out_dir)
     n = 0
-    with streaming.MDSWriter(out=str(out_dir), columns=columns, size_limit=size_limit) as writer:
+    # Shard hashes in index.json make the index a fingerprint of the samples (the loader's dataset id).
+    with streaming.MDSWriter(out=out, columns=columns, size_limit=size_limit, keep_local=True,
+                             hashes=["xxh3_64"]) as writer:
         for sample in samples:
             writer.write(sample)
             n += 1
     if n == 0:
         raise ValueError(f"no samples to write into {out_dir}: the input is empty")
     return n
+
+
+def merge_parts(out_dir: str | Path, remote: str | None = None) -> None:
+    """One index.json over the `part_*` sub-folders of `out_dir` (written by parallel workers),
+    uploaded to `remote` too if given (mosaicml-streaming's merge_index)."""
+    from streaming.base.util import merge_index
+
+    import_streaming()
+    merge_index((str(out_dir), remote) if remote else str(out_dir), keep_local=True)
+
+
+def write_info(out_dir: str | Path, **info) -> None:
+    """`smft_data.json` beside index.json: how the shards were made (tokenizer, seq_len, vocab_size,
+    special ids, counts). Written after any index merge, which would take it for a part's index."""
+    (Path(out_dir) / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def read_info(mds_dir: str | Path) -> dict | None:
+    """The `smft_data.json` of a local MDS folder (None if absent)."""
+    f = Path(mds_dir) / INFO_FILE
+    return json.loads(f.read_text()) if f.is_file() else None

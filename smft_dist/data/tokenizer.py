@@ -36,6 +36,13 @@ def train_word_tokenizer(texts: Iterable[str], out_dir: str | Path, max_vocab: i
     return hf
 
 
+def special_token_ids(tokenizer) -> dict:
+    """{"pad_token_id", "bos_token_id", "eos_token_id"} of a tokenizer: what a model config carries
+    (smft-export writes them into config.json) and what the MDS samples were written with."""
+    return {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+
+
 def load_tokenizer(path: str | Path):
     """Load any Hugging Face tokenizer folder; left padding (what batched generation needs) and a
     pad token (eos if the tokenizer has none) are set."""

@@ -1,41 +1,48 @@
-"""Evaluate an exported model (a Hugging Face folder from `smft-export`) with lm-evaluation-harness.
+"""lm-evaluation-harness tasks (HellaSwag, GSM8K, ... or a task YAML of your own) on an smft model.
 
-For users who have `lm-eval` installed (it is not a dependency). lm-eval's "hf" backend loads the
-folder with `AutoModelForCausalLM`, which knows the "smft" model type only after
-`import smft_dist.model` has registered it: run lm-eval through this module, not the `lm_eval`
-command, so the registration happens in the same process:
-
-    python -m smft_dist.eval.lm_eval_adapter EXPORT_DIR --tasks hellaswag --batch_size 8
-
-Everything after EXPORT_DIR is passed to lm-eval's own command line.
+`lm-eval` is an optional extra (`pip install -e ".[lmeval]"`). `run_lm_eval` hands the in-memory
+model to lm-eval's "hf" backend (`HFLM(pretrained=<model instance>)`), so a checkpoint folder works
+as well as an exported one and the "smft" model type needs no registration in lm-eval's process.
+`smft-eval MODEL --lm-eval hellaswag,gsm8k` is the command line; a local task is a folder of task
+YAML files passed as `--lm-eval-include DIR`.
 """
 from __future__ import annotations
 
-import sys
+import math
 
 
-def hflm_model_args(export_dir: str, dtype: str = "float32") -> str:
-    """The `--model_args` string of lm-eval's "hf" backend for an exported folder."""
-    return f"pretrained={export_dir},tokenizer={export_dir},dtype={dtype}"
-
-
-def lm_eval_argv(export_dir: str, extra: list[str]) -> list[str]:
-    return ["lm_eval", "--model", "hf", "--model_args", hflm_model_args(export_dir), *extra]
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-"):
-        sys.exit("usage: python -m smft_dist.eval.lm_eval_adapter EXPORT_DIR [lm_eval options, e.g. --tasks hellaswag]")
-    import smft_dist.model  # noqa: F401  (registers the "smft" model type with the Auto classes)
-
+def lm_eval_available() -> bool:
     try:
-        from lm_eval.__main__ import cli_evaluate
+        import lm_eval  # noqa: F401
     except ImportError:
-        sys.exit("lm-eval is not installed: `pip install lm-eval` (the project does not depend on it)")
-    sys.argv = lm_eval_argv(argv[0], argv[1:])
-    cli_evaluate()
+        return False
+    return True
 
 
-if __name__ == "__main__":
-    main()
+def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path: str | None = None, limit: int | None = None,
+                batch_size: int = 8, num_fewshot: int | None = None, device: str | None = None) -> dict:
+    """-> {task: {metric: value}} (lm-eval's "metric,filter" keys, stderr entries left out).
+    Raises ImportError naming the extra when lm-eval is not installed, and ValueError naming a task
+    lm-eval does not know."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ImportError("lm-eval is not installed: pip install -e \".[lmeval]\" (or pip install lm-eval)") from None
+    manager = None
+    if include_path is not None:  # only local tasks: skip indexing lm-eval's thousands of task files
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        manager = manager if all(t in manager.all_tasks for t in tasks) else None
+    manager = manager or TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        where = f" or in {include_path}" if include_path else " (pass --lm-eval-include DIR for your own task YAML)"
+        raise ValueError(f"lm-eval task(s) {unknown} not found in lm-eval's task list{where}")
+    device = device or str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                          log_samples=False, bootstrap_iters=0)
+    return {task: {k: v for k, v in metrics.items() if "stderr" not in k and k != "alias"
+                   and isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))}
+            for task, metrics in out["results"].items()}

@@ -38,3 +38,15 @@ def heldout_nll(model, batches: Iterable[dict], device: str | torch.device | Non
         dist.all_reduce(sums)
     nll = sums[0].item() / max(sums[1].item(), 1.0)
     return {"nll": nll, "ppl": float(torch.tensor(nll).exp()), "tokens": int(sums[1].item())}
+
+
+def mds_heldout_nll(model, path: str, batch_size: int = 8, max_batches: int | None = None,
+                    device: str | torch.device | None = None, local_cache: str | None = None) -> dict:
+    """`heldout_nll` over an MDS folder or URI (every sample once, in order; under torch.distributed
+    each rank reads its partition and the sums are all-reduced: every rank must call this)."""
+    from smft_dist.data.loader import build_dataloader
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    loader = build_dataloader(path, batch_size, shuffle=False, seed=0, rank=rank, world_size=world,
+                              local_cache=local_cache, drop_last=False)
+    return heldout_nll(model, loader, device=device, max_batches=max_batches)

@@ -8,7 +8,6 @@ no early exit, and the QA list is split over ranks into slices padded to the sam
 """
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import Counter
@@ -84,7 +83,8 @@ def evaluate_qa(model, tokenizer, qa_pairs: list[dict], batch_size: int = 32, ma
     """F1 / exact match of greedy answers to `qa_pairs` ({"prompt" or "question", "answer" or
     "answers"}). Under torch.distributed each rank answers a strided slice and the sums are
     all-reduced (every rank must call this). Returns {"f1", "exact_match", "n", "predictions"}, where
-    predictions are this rank's [{"index", "prediction", "f1"}]."""
+    predictions are this rank's [{"index", "prediction", "answers", "f1", "exact_match"}] (`answers`:
+    the gold answers the scores took the best over)."""
     rank, world = _world()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     mine = list(range(rank, len(qa_pairs), world))
@@ -106,7 +106,8 @@ def evaluate_qa(model, tokenizer, qa_pairs: list[dict], batch_size: int = 32, ma
             gold = qa_pairs[i].get("answers") or qa_pairs[i]["answer"]
             f1, em = f1_score(text, gold), exact_match(text, gold)
             f1_sum, em_sum = f1_sum + f1, em_sum + em
-            predictions.append({"index": i, "prediction": text, "f1": f1})
+            predictions.append({"index": i, "prediction": text, "answers": gold if isinstance(gold, list) else [gold],
+                                "f1": f1, "exact_match": em})
     model.train(was_training)
     sums = torch.tensor([f1_sum, em_sum, float(len(mine))], dtype=torch.float64, device=device)
     if world > 1:
@@ -117,11 +118,13 @@ def evaluate_qa(model, tokenizer, qa_pairs: list[dict], batch_size: int = 32, ma
 
 
 def load_qa_jsonl(path: str | Path) -> list[dict]:
-    """QA pairs written by `smft-data synthetic` (DIR/eval/*.jsonl): one JSON object per line."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"QA file {path} does not exist: write it with `smft-data synthetic --out DIR`")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """QA rows of a JSONL file in any layout smft_dist.data.real reads (TriviaQA, NQ-open, SimpleQA,
+    the qa.jsonl of `smft-data facts`, the eval/*.jsonl of `smft-data synthetic`), each with
+    `answers` = every accepted answer. Raises DataError naming the file on a missing file or row."""
+    from smft_dist.data.real import qa_rows
+    from smft_dist.data.sources import read_rows
+
+    return qa_rows(read_rows([str(path)]))
 
 
 def _prompt(qa: dict) -> str:
