@@ -1,11 +1,14 @@
-"""A real single-node Slurm cluster for the tests: config in a temp folder, daemons, job helpers.
+"""Real Slurm clusters for the tests: config in a temp folder, daemons, job helpers.
 
-The cluster is one node named `localhost` with `cpus` CPUs, one `debug` partition, no accounting,
+`start`: one node named `localhost` with `cpus` CPUs. `start_multinode`: nodes `node1..N`, each
+slurmd in its own network namespace with its own address and hostname (tests/slurm/netns.py),
+slurmctld beside them on the namespaces' bridge. Both have one `debug` partition, no accounting,
 and `auth/none` (no munge key or daemon to manage on a throwaway single-host cluster). Every
 daemon and client finds it through the `SLURM_CONF` environment variable, so the machine's own
 /etc/slurm is never touched. Usable by hand as well:
 
-    python tests/slurm/cluster.py up /tmp/slurm     # prints `export SLURM_CONF=...`
+    python tests/slurm/cluster.py up /tmp/slurm      # prints `export SLURM_CONF=...`
+    python tests/slurm/cluster.py up2 /tmp/slurm     # 2 nodes in namespaces; stays up until `down`
     python tests/slurm/cluster.py down /tmp/slurm
 """
 
@@ -19,15 +22,21 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
+
+try:  # imported as tests.slurm.cluster (pytest) or run as a script
+    from tests.slurm import netns
+except ImportError:
+    import netns
 
 DAEMONS = ("slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "scancel", "sinfo", "srun")
 
 SLURM_CONF = """\
 ClusterName=smftci
-SlurmctldHost=localhost
+SlurmctldHost={ctld_host}
 SlurmUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -38,9 +47,9 @@ AuthInfo=cred_expire=5
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -55,8 +64,8 @@ MailProg=/bin/true
 ReturnToService=2
 KillWait=30
 MinJobAge=300
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+{node_lines}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """
 
 
@@ -79,6 +88,9 @@ class Cluster:
     root: Path
     env: dict[str, str]
     started: bool  # False when an already running cluster was reused: then never stop it
+    network: Optional[netns.Network] = None  # the nodes' namespaces (start_multinode)
+    job_env: dict[str, str] = field(default_factory=dict)  # set for every job submitted
+    stopped: bool = False
 
     def run(self, *cmd: str, check: bool = True) -> str:
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
@@ -91,12 +103,13 @@ class Cluster:
         return out.returncode == 0 and "UP" in out.stdout
 
     def node_ready(self) -> bool:
-        state = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).strip()
-        return state.startswith(("idle", "mixed", "allocated"))
+        """Every node is up (a node that is still `unknown` or `down` cannot take jobs)."""
+        states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).split()
+        return bool(states) and all(s.startswith(("idle", "mixed", "allocated")) for s in states)
 
     def sbatch(self, script: str, env: dict[str, str], *args: str, cwd=None) -> int:
         """Submit `script` from `cwd` with `env` (merged over the cluster env); -> the job id."""
-        out = subprocess.run(["sbatch", "--parsable", *args, script], env={**self.env, **env},
+        out = subprocess.run(["sbatch", "--parsable", *args, script], env={**self.env, **self.job_env, **env},
                              cwd=cwd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"sbatch {script} failed: {out.stderr.strip()}")
@@ -135,36 +148,81 @@ def start(root: Path, cpus: int = 2, timeout: float = 30.0) -> Cluster:
     existing = _existing(root)
     if existing is not None:
         return existing
+    node = f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN"
+    cluster = _configure(root, "localhost", node, "localhost")
+    return _boot(cluster, {"localhost": []}, timeout)
+
+
+def start_multinode(root: Path, nodes: int = 2, cpus: int = 2, timeout: float = 60.0) -> Cluster:
+    """A cluster of `nodes` nodes, each slurmd in its own network namespace (netns.acquire: raises
+    netns.NetnsUnavailable where namespaces cannot be made). Always a fresh cluster."""
+    net = netns.acquire(nodes)
+    try:
+        lines = "\n".join(f"NodeName={n} NodeAddr={net.addr(n)} CPUs={cpus} RealMemory=4000 State=UNKNOWN"
+                          for n in net.names())
+        # "localhost(addr)": slurmctld accepts the name `localhost` as its own on any machine;
+        # clients and the nodes reach it at the bridge address.
+        cluster = _configure(root, f"localhost({net.gateway})", lines, ",".join(net.names()), network=net)
+        local_tmp = cluster.root / "node-tmp"  # each node mounts its own tmpfs here: the jobs' TMPDIR
+        local_tmp.mkdir()
+        cluster.job_env["TMPDIR"] = str(local_tmp)
+        return _boot(cluster, {n: net.exec_prefix(n, local_tmp) for n in net.names()}, timeout)
+    except BaseException:
+        net.down()
+        raise
+
+
+def _configure(root: Path, ctld_host: str, node_lines: str, node_names: str, network=None) -> Cluster:
     root = Path(root).resolve()
     for sub in ("state", "spool"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    if network is not None:
+        (root / "netns_slot").write_text(str(network.slot))
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(root=root, cpus=cpus, ctld_port=_free_port(),
-                                      slurmd_port=_free_port()))
-    cluster = Cluster(root=root, env={**os.environ, "SLURM_CONF": str(conf)}, started=True)
-    # -i: ignore state left by an earlier run; slurmd -N: this host is node `localhost`.
-    for cmd in (["/usr/sbin/slurmctld", "-i"], ["/usr/sbin/slurmd", "-N", "localhost"]):
-        subprocess.run(cmd, env=cluster.env, check=True)
-    deadline = time.monotonic() + timeout
-    while not (cluster.ping() and cluster.node_ready()):
-        if time.monotonic() > deadline:
-            logs = "\n".join((root / f"{d}.log").read_text()[-2000:] for d in DAEMONS
-                             if (root / f"{d}.log").exists())
-            stop(cluster)
-            raise RuntimeError(f"Slurm did not come up within {timeout}s; daemon logs:\n{logs}")
-        time.sleep(0.3)
+    conf.write_text(SLURM_CONF.format(root=root, ctld_host=ctld_host, ctld_port=_free_port(),
+                                      slurmd_port=_free_port(), node_lines=node_lines, node_names=node_names))
+    return Cluster(root=root, env={**os.environ, "SLURM_CONF": str(conf)}, started=True, network=network)
+
+
+def _boot(cluster: Cluster, node_prefixes: dict[str, list[str]], timeout: float) -> Cluster:
+    """Start slurmctld, then one slurmd per node (each behind its command prefix); wait until up."""
+    try:
+        # -i: ignore state left by an earlier run; slurmd -N: which node this slurmd is.
+        subprocess.run(["/usr/sbin/slurmctld", "-i"], env=cluster.env, check=True)
+        if cluster.network is not None:
+            cluster.network.record_daemons(_pids(cluster, "slurmctld.pid"))
+        for node, prefix in node_prefixes.items():
+            (cluster.root / "spool" / node).mkdir(exist_ok=True)
+            subprocess.run([*prefix, "/usr/sbin/slurmd", "-N", node], env=cluster.env, check=True)
+        deadline = time.monotonic() + timeout
+        while not (cluster.ping() and cluster.node_ready()):
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(cluster.root.glob("*.log")))
+                raise RuntimeError(f"Slurm did not come up within {timeout}s; daemon logs:\n{logs}")
+            time.sleep(0.3)
+    except BaseException:
+        stop(cluster)
+        raise
     return cluster
 
 
+def _pids(cluster: Cluster, pattern: str) -> list[int]:
+    pids = []
+    for pid_file in cluster.root.glob(pattern):
+        try:
+            pids.append(int(pid_file.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
 def stop(cluster: Cluster, timeout: float = 15.0) -> None:
-    """Stop the daemons this process started, by the pids in their pid files."""
-    if not cluster.started:
+    """Stop the daemons this process started, by the pids in their pid files, and tear down the
+    nodes' namespaces (with whatever still runs in them). Idempotent."""
+    if not cluster.started or cluster.stopped:
         return
-    for daemon in DAEMONS:
-        pid_file = cluster.root / f"{daemon}.pid"
-        if not pid_file.exists():
-            continue
-        pid = int(pid_file.read_text().split()[0])
+    cluster.stopped = True  # a second call must not signal pids that may since have been reused
+    for pid in _pids(cluster, "slurm*.pid"):
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -177,7 +235,12 @@ def stop(cluster: Cluster, timeout: float = 15.0) -> None:
                 break
             time.sleep(0.1)
         else:
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if cluster.network is not None:
+        cluster.network.down()
 
 
 if __name__ == "__main__":
@@ -185,5 +248,10 @@ if __name__ == "__main__":
     if action == "up":
         c = start(where)
         print(f"export SLURM_CONF={c.env['SLURM_CONF']}")
+    elif action == "up2":  # by hand the slot is unlocked once this exits: `down` before the next test run
+        c = start_multinode(where)
+        print(f"export SLURM_CONF={c.env['SLURM_CONF']}")
     else:
-        stop(Cluster(root=where.resolve(), env=dict(os.environ), started=True))
+        slot_file = where.resolve() / "netns_slot"
+        network = netns.claim(int(slot_file.read_text())) if slot_file.exists() else None
+        stop(Cluster(root=where.resolve(), env=dict(os.environ), started=True, network=network))

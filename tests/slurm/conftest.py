@@ -1,14 +1,19 @@
-"""The `slurm_cluster` fixture: a real single-node Slurm cluster for the session.
+"""Real Slurm clusters for the session: `slurm_cluster` (one node) and `slurm_2node` (two nodes,
+each slurmd in its own network namespace: tests/slurm/netns.py).
 
-Reuses the cluster that SLURM_CONF names when it answers, else starts one in a temp folder and
-stops it at the end. Without the Slurm binaries (or without root, which slurmd needs) the tests
-skip on a developer machine and FAIL on CI (CI=true), where .ci/run installs slurm-wlm.
+`slurm_cluster` reuses the cluster that SLURM_CONF names when it answers, else starts one in a
+temp folder and stops it at the end. Without the Slurm binaries (or without root, which slurmd
+needs) the tests skip on a developer machine and FAIL on CI (CI=true), where .ci/run installs
+slurm-wlm. `slurm_2node` also skips (on CI too) where network namespaces cannot be made; it is
+torn down by its finalizer, and by atexit should the session end without one.
 """
+import atexit
 import os
 
 import pytest
 
 from tests.slurm import cluster as slurm
+from tests.slurm import netns
 
 
 def _unavailable() -> str | None:
@@ -21,13 +26,29 @@ def _unavailable() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def _require_slurm() -> None:
     reason = _unavailable()
     if reason:
         if os.environ.get("CI", "").lower() in ("true", "1"):
             pytest.fail(f"CI must run the Slurm tests: {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    _require_slurm()
     cluster = slurm.start(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    slurm.stop(cluster)
+
+
+@pytest.fixture(scope="session")
+def slurm_2node(tmp_path_factory):
+    _require_slurm()
+    try:
+        cluster = slurm.start_multinode(tmp_path_factory.mktemp("slurm2"), nodes=2)
+    except netns.NetnsUnavailable as e:
+        pytest.skip(f"no 2-node cluster: {e}")
+    atexit.register(slurm.stop, cluster)  # idempotent: a no-op after the finalizer below
     yield cluster
     slurm.stop(cluster)

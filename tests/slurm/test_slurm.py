@@ -22,11 +22,13 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CONFIG = "configs/tiny/finetune_sparse.yaml"
 
 
-def submit(cluster, tmp: Path, overrides: list[str], script="slurm/finetune.sh", **env: str) -> int:
-    """sbatch `script` from the repo root on the 1-node CPU cluster; log: tmp/<name>-<id>.out."""
-    env = {"CONFIG": CONFIG, "GPUS_PER_NODE": "2", "PYTHON": sys.executable,
+def submit(cluster, tmp: Path, overrides: list[str], script="slurm/finetune.sh", nodes=1, ranks_per_node=2,
+           **env: str) -> int:
+    """sbatch `script` from the repo root on a CPU cluster (`ranks_per_node` ranks on each of `nodes`
+    nodes); log: tmp/<name>-<id>.out."""
+    env = {"CONFIG": CONFIG, "GPUS_PER_NODE": str(ranks_per_node), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1", "OVERRIDES": " ".join(overrides), **env}
-    return cluster.sbatch(script, env, "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2",
+    return cluster.sbatch(script, env, f"--nodes={nodes}", "--gpus-per-node=0", f"--cpus-per-task={ranks_per_node}",
                           f"--output={tmp}/%x-%j.out", cwd=ROOT)
 
 

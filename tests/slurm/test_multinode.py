@@ -1,0 +1,159 @@
+"""slurm/*.sh across two nodes: a real 2-node cluster, each node a network namespace of its own.
+
+Every job is `sbatch --nodes=2 slurm/<script>.sh` as a user would submit it: one launcher per
+node (torchrun or the DeepSpeed launcher with --no_ssh), the rendezvous on node1, the memory
+all-to-all and the dense collectives over the nodes' veth links. The references are the same
+runs on one node with the same global batch (world size x per-rank batch): unshuffled data then
+gives every rank the same samples at any node count, so the weights must agree, the memory rows
+bit for bit.
+"""
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import checkpoint_tensors, latest_dir
+from tests.slurm.test_slurm import assert_completed, log_of, metric_steps, submit, wait_for_steps
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+STEPS = 12  # long enough to signal the job between steps 2 and 12
+
+
+def finetune(tiny_data, tiny_pretrained, out: Path, *extra: str) -> list[str]:
+    # 8 per rank x 2 ranks: the global batch of both layouts
+    return [f"out_dir={out}", f"data.train={tiny_data}/new_facts", f"model.init_from={tiny_pretrained}",
+            "data.batch_size=8", "logging.progress=false", *extra]
+
+
+def assert_same_weights(want_dir: Path, got_dir: Path, dense_atol: float) -> None:
+    """Memory rows bitwise; dense weights within `dense_atol` (0: bitwise too)."""
+    want, got = checkpoint_tensors(want_dir), checkpoint_tensors(got_dir)
+    assert want.keys() == got.keys()
+    assert torch.equal(want["memory"], got["memory"])
+    for name in want:
+        assert torch.allclose(want[name], got[name], rtol=0, atol=dense_atol), (
+            name, (want[name] - got[name]).abs().max().item())
+
+
+def assert_spans_two_nodes(log: str, ranks_per_node: int) -> None:
+    world = 2 * ranks_per_node
+    assert "2 node(s)" in log and "master node1:" in log
+    assert f"node 0/2 (node1): ranks 0-{ranks_per_node - 1} of {world}" in log
+    assert f"node 1/2 (node2): ranks {ranks_per_node}-{world - 1} of {world}" in log
+
+
+@pytest.fixture(scope="module")
+def two_node_finetune(slurm_2node, tiny_data, tiny_pretrained, tmp_path_factory):
+    """An uninterrupted sparse finetune, 2 nodes x 1 rank, torchrun: -> its output folder."""
+    tmp = tmp_path_factory.mktemp("finetune_2node")
+    info = slurm_2node.wait(submit(slurm_2node, tmp, finetune(tiny_data, tiny_pretrained, tmp / "out", f"steps={STEPS}",
+                                                              "checkpoint.every=0"), nodes=2, ranks_per_node=1))
+    assert_completed(info)
+    assert_spans_two_nodes(log_of(info), 1)
+    return tmp / "out"
+
+
+def test_two_node_finetune_equals_one_node(slurm_2node, two_node_finetune, tiny_data, tiny_pretrained, tmp_path):
+    one = slurm_2node.wait(submit(slurm_2node, tmp_path, finetune(tiny_data, tiny_pretrained, tmp_path / "one",
+                                                                  f"steps={STEPS}", "checkpoint.every=0"),
+                                  nodes=1, ranks_per_node=2))
+    assert_completed(one)
+    assert "1 node(s) x 2" in log_of(one)
+    assert metric_steps(two_node_finetune) == list(range(1, STEPS + 1))
+    assert_same_weights(latest_dir(tmp_path / "one" / "checkpoints"), latest_dir(two_node_finetune / "checkpoints"), 0)
+
+
+def test_two_node_deepspeed_pretrain_equals_one_node(slurm_2node, tiny_data, tmp_path):
+    """The DeepSpeed launcher on each node (--no_ssh), ZeRO-1 dense weights, row-sparse memory."""
+    common = ["steps=3", "data.batch_size=4", "data.shuffle=false", "dist.engine=deepspeed", "dist.zero_stage=1",
+              f"data.train={tiny_data}/pretrain", "logging.progress=false"]
+    runs = {}
+    for nodes in (1, 2):
+        info = slurm_2node.wait(submit(slurm_2node, tmp_path, [f"out_dir={tmp_path}/n{nodes}", *common],
+                                       script="slurm/pretrain.sh", nodes=nodes, ranks_per_node=2 // nodes,
+                                       CONFIG="configs/tiny/pretrain.yaml", LAUNCHER="deepspeed"))
+        assert_completed(info)
+        runs[nodes] = log_of(info)
+    assert_spans_two_nodes(runs[2], 1)
+    assert "--no_ssh --node_rank 1 --master_addr node1" in runs[2]
+    assert_same_weights(latest_dir(tmp_path / "n1" / "checkpoints"), latest_dir(tmp_path / "n2" / "checkpoints"), 1e-6)
+
+
+def test_dp_replicate_2_mp_2_on_two_nodes(slurm_2node, tiny_data, tiny_pretrained, tmp_path):
+    """World 4 = 2 replicas x mp 2: each node holds one whole copy of the table (the all-to-all
+    stays inside the node), replicas combine their row gradients across the nodes."""
+    layout = ["dist.dp_replicate=2", "dist.mp=2", "logging.progress=false"]
+    pre = slurm_2node.wait(submit(slurm_2node, tmp_path, [f"out_dir={tmp_path}/pre", "steps=3", "data.batch_size=4",
+                                                          f"data.train={tiny_data}/pretrain", *layout],
+                                  script="slurm/pretrain.sh", nodes=2, CONFIG="configs/tiny/pretrain.yaml"))
+    assert_completed(pre)
+    ft = slurm_2node.wait(submit(slurm_2node, tmp_path, [*finetune(tiny_data, tiny_pretrained, tmp_path / "ft", "steps=3",
+                                                                   "data.batch_size=4"), *layout], nodes=2))
+    assert_completed(ft)
+    for info in (pre, ft):
+        log = log_of(info)
+        assert_spans_two_nodes(log, 2)
+        assert "memory replicas bitwise identical: 2 copies of each of 2 shards" in log, log[-3000:]
+    # Only replica 0 saves: one file per shard of the one table copy.
+    assert len(list((latest_dir(tmp_path / "ft" / "checkpoints") / "memory").glob("*.safetensors"))) == 2
+
+
+def test_preempted_two_node_job_requeues_and_ends_bitwise_equal(slurm_2node, two_node_finetune, tiny_data,
+                                                                tiny_pretrained, tmp_path):
+    out = tmp_path / "preempted"
+    job = submit(slurm_2node, tmp_path, finetune(tiny_data, tiny_pretrained, out, f"steps={STEPS}", "checkpoint.every=0"),
+                 nodes=2, ranks_per_node=1)
+    wait_for_steps(out, 2)
+    slurm_2node.run("scancel", "--signal=USR1", str(job))  # every process of the steps, on both nodes
+    info = slurm_2node.wait(job)
+    assert_completed(info)
+    log = log_of(info)
+    assert info["Restarts"] == "1" and "requeueing" in log and "(restart 1)" in log, log[-4000:]
+    saved = int(re.search(r"preempted by signal 10: saved \S+ at step (\d+)", log).group(1))
+    assert 2 <= saved < STEPS and f"at step {saved}" in log.split("(restart 1)")[1]
+    assert metric_steps(out) == list(range(1, STEPS + 1))
+    assert_same_weights(latest_dir(two_node_finetune / "checkpoints"), latest_dir(out / "checkpoints"), 0)
+
+
+def rank_pids(cluster, node: str) -> list[int]:
+    """The training ranks (not the launcher) running in `node`'s namespace."""
+    ns = cluster.network.netns(node)
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    ranks = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"launchers/train.py") for a in cmd) and b"torch.distributed.run" not in cmd:
+            ranks.append(int(pid))
+    return ranks
+
+
+def test_killed_node_fails_the_job_everywhere_then_resubmit_resumes(slurm_2node, tiny_data, tiny_pretrained, tmp_path):
+    timeout_s = 20
+    run = finetune(tiny_data, tiny_pretrained, tmp_path / "run", "checkpoint.every=2", f"dist.timeout_s={timeout_s}")
+    job = submit(slurm_2node, tmp_path, [*run, "steps=100000"], nodes=2, ranks_per_node=1)
+    wait_for_steps(tmp_path / "run", 3)
+    victims = rank_pids(slurm_2node, "node2")
+    assert len(victims) == 1
+    killed_at = time.monotonic()
+    for pid in victims:
+        subprocess.run(["kill", "-KILL", str(pid)], check=True)
+    info = slurm_2node.wait(job, timeout=timeout_s + 60)
+    elapsed = time.monotonic() - killed_at
+    assert info["JobState"] == "FAILED", log_of(info)[-3000:]
+    assert elapsed < timeout_s + 30, f"the job took {elapsed:.0f}s to fail after node2's rank died"
+    assert rank_pids(slurm_2node, "node1") == [] and rank_pids(slurm_2node, "node2") == []
+    saved = int((tmp_path / "run" / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert saved >= 2
+
+    again = slurm_2node.wait(submit(slurm_2node, tmp_path, [*run, f"steps={saved + 2}"], nodes=2, ranks_per_node=1))
+    assert_completed(again)
+    assert f"at step {saved}" in log_of(again) and "resumed from" in log_of(again)
+    assert metric_steps(tmp_path / "run")[-2:] == [saved + 1, saved + 2]
