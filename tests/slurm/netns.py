@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -185,6 +186,9 @@ def _check_rights() -> None:
         raise NetnsUnavailable("the `ip` command (iproute2) is not installed") from None
     if out.returncode != 0:
         raise NetnsUnavailable(f"ip netns does not work here: {out.stderr.strip()}")
+    missing = [tool for tool in ("nsenter", "unshare", "mount") if shutil.which(tool) is None]
+    if missing:
+        raise NetnsUnavailable(f"{', '.join(missing)} not found (util-linux, mount)")
     if subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True).returncode != 0:
         raise NetnsUnavailable("unshare --uts --mount fails: cannot give each node its own hostname and hosts file")
 
