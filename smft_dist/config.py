@@ -327,6 +327,21 @@ def check_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"{k}={path} has no {must_hold}: expected {fix}")
         if must_hold == "index.json" and _mds_samples(p / must_hold) == 0:
             raise ConfigError(f"{k}={path} holds no samples: check what wrote it")
+        if k == key:
+            _check_seq_len(cfg, key, p)
+
+
+def _check_seq_len(cfg: RunConfig, key: str, folder: Path) -> None:
+    """data.seq_len is the sample length the data was written at, where `smft-data` recorded it
+    (`smft_data.json` beside index.json)."""
+    try:
+        written = json.loads((folder / "smft_data.json").read_text()).get("seq_len")
+    except (OSError, ValueError):
+        return
+    if written is not None and written != cfg.data.seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} but {key}={folder} holds samples of {written} tokens "
+                          f"(its smft_data.json): set data.seq_len={written}, or rewrite the data with "
+                          f"smft-data --seq-len {cfg.data.seq_len}")
 
 
 def _mds_samples(index: Path) -> Optional[int]:

@@ -62,7 +62,7 @@ def test_every_layout_keeps_every_accepted_answer():
 def test_facts_groups_of_padded_paraphrases_from_jsonl_and_a_datasets_folder(tok, tmp_path):
     import datasets
 
-    args = ["--tokenizer", tok, "--paraphrases", "4", "--seq-len", "48"]
+    args = ["--tokenizer", tok, "--paraphrases", "4", "--seq-len", "48", "--limit", "30"]
     assert smft_data(["facts", str(FIX / "triviaqa.jsonl"), "--out", str(tmp_path / "a"), *args]) == 0
     samples = _samples(tmp_path / "a" / "train")
     assert [s["group"] for s in samples] == [i // 4 for i in range(30 * 4)]  # a fact's paraphrases consecutive
@@ -87,6 +87,8 @@ def test_facts_groups_of_padded_paraphrases_from_jsonl_and_a_datasets_folder(tok
     assert smft_data(["facts", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b"), *args]) == 0
     for x, y in zip(samples, _samples(tmp_path / "b" / "train"), strict=True):
         assert np.array_equal(x["input_ids"], y["input_ids"]) and x["group"] == y["group"]
+    assert smft_data(["facts", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "c"), *args[:-1], "10"]) == 0
+    assert len(_samples(tmp_path / "c" / "train")) == 10 * 4
 
 
 def test_facts_from_a_paraphrases_file_and_examples_that_do_not_fit(tok, tmp_path, capsys):
@@ -289,3 +291,14 @@ def test_fixtures_to_two_rank_sparse_finetune_to_smft_eval(tok, tmp_path):
     r = run_cli([PY, "-m", "smft_dist.eval.cli", str(tmp_path / "run" / "checkpoints"), "--qa",
                  str(tmp_path / "missing.jsonl")], check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: input") and "missing.jsonl" in r.stderr
+
+
+def test_data_seq_len_must_match_the_written_samples(tok, tmp_path):
+    from smft_dist.config import ConfigError, check_paths, load_config
+
+    assert smft_data(["facts", str(FIX / "nq_open.jsonl"), "--tokenizer", tok, "--out", str(tmp_path / "f"),
+                      "--paraphrases", "2", "--seq-len", "40"]) == 0
+    base = ROOT / "configs" / "tiny" / "finetune_sparse.yaml"
+    check_paths(load_config(base, [f"data.train={tmp_path}/f/train", "data.seq_len=40", "model.init_from=null"]))
+    with pytest.raises(ConfigError, match=r"data.seq_len=32 but data.train=\S+ holds samples of 40 tokens"):
+        check_paths(load_config(base, [f"data.train={tmp_path}/f/train", "data.seq_len=32", "model.init_from=null"]))

@@ -15,6 +15,7 @@ when complete. Bad input exits with status 2 and one `error:` line naming the pa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -137,7 +138,8 @@ def _texts_per_group(items: list[dict], n: int, user: dict | None, make, what: s
 def facts(args) -> dict:
     check_inputs(args.inputs, args.hf)
     enc = Encoder(load_tokenizer(args.tokenizer), args.seq_len, args.vocab_size)
-    qa = qa_rows(read_rows(args.inputs, args.hf, args.hf_config, args.split))
+    rows = read_rows(args.inputs, args.hf, args.hf_config, args.split)
+    qa = qa_rows(itertools.islice(rows, args.limit))
     if not qa:
         raise DataError(f"no QA rows in {', '.join(args.inputs) or args.hf}: the input is empty")
     user = load_paraphrases(args.paraphrases_file) if args.paraphrases_file else None
@@ -252,6 +254,7 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--paraphrases", type=int, default=64, help="statements per fact (one global batch each)")
     f.add_argument("--paraphrases-file", help='JSONL of {"id", "paraphrases": [...]} (e.g. written by an LM); '
                                               "ids: TriviaQA question_id, else the row's 0-based index")
+    f.add_argument("--limit", type=int, help="only the first N rows (the paper learns 1,000 TriviaQA facts)")
     f.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("docs", help='documents {"id", "text"} -> chunks with augmentations (document QA)',
                        description="Writes OUT/train (MDS: one group per chunk, its augmentations consecutive) "
