@@ -189,7 +189,10 @@ def _boot(cluster: Cluster, node_prefixes: dict[str, list[str]], timeout: float)
     try:
         # -i: ignore state left by an earlier run; slurmd -N: which node this slurmd is.
         subprocess.run(["/usr/sbin/slurmctld", "-i"], env=cluster.env, check=True)
-        if cluster.network is not None:
+        if cluster.network is not None:  # for a later bring-up to stop, should this process be killed
+            deadline = time.monotonic() + timeout
+            while not _pids(cluster, "slurmctld.pid") and time.monotonic() < deadline:
+                time.sleep(0.1)  # the daemon writes its pid file after it has forked
             cluster.network.record_daemons(_pids(cluster, "slurmctld.pid"))
         for node, prefix in node_prefixes.items():
             (cluster.root / "spool" / node).mkdir(exist_ok=True)
