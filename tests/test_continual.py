@@ -1,6 +1,7 @@
 """The continual-learning benchmark end to end on the smoke config (a subprocess, ~10-60 s)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,18 @@ def test_config_errors_name_the_key_and_file(tmp_path):
     bad.write_text("benchmark:\n  n_knwn: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml.*n_knwn"):
         load_continual_config(bad)
+
+
+def test_retrofit_configs_load_and_dense_init_needs_the_retrofit_path():
+    from smft_dist.continual.benchmark import finetune_config
+
+    for path in ("configs/demo/retrofit_cpu.yaml", "configs/demo/retrofit_smoke.yaml"):
+        c = load_continual_config(path)
+        assert c.retrofit.enabled and {m.name: m.init for m in c.methods}["full"] == "dense"
+        by_name = {m.name: m for m in c.methods}
+        dense = finetune_config(c, by_name["full"], by_name["full"].sweep[0], Path("/out"))
+        memory = finetune_config(c, by_name["sparse"], by_name["sparse"].sweep[0], Path("/out"))
+        assert dense.model.memory_layers == [] and dense.model.init_from == "/out/dense_pretrain/checkpoints"
+        assert memory.model.memory_mode == "add" and memory.model.init_from == "/out/background_index/checkpoints"
+    with pytest.raises(ConfigError, match="init='dense'.*retrofit.enabled"):
+        load_continual_config("configs/demo/smoke.yaml", ["methods.1.init=dense"])

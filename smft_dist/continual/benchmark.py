@@ -11,6 +11,12 @@ Stages, each reused when OUT already holds it:
      same pretrained weights; evaluate learned-fact F1 (new facts seen so far), known-fact F1 and
      held-out NLL before, every `eval.every` steps and at the end; average over the orders;
   5. OUT/report.json, OUT/report.md and PNG plots (`smft_dist.continual.report`).
+
+With `retrofit.enabled` (configs/demo/retrofit_cpu.yaml) stage 2 is the retrofit path instead: pretrain
+a DENSE model (no memory layers) -> OUT/dense_pretrain, save it as a LlamaForCausalLM folder
+(OUT/dense_hf), `smft-retrofit` it (OUT/retrofit_model), continue pretraining the memory alone ->
+OUT/continue_pretrain; the df index is built on that. Methods with `init: dense` (full finetuning,
+LoRA) then start from the dense model, `init: memory` (sparse) from the retrofitted one.
 """
 from __future__ import annotations
 
@@ -69,6 +75,18 @@ class MethodSweep:
     overrides: List[str] = field(default_factory=list)  # key=value for every setting
     sweep: List[str] = field(default_factory=list)  # one setting each: "optim.lr=1e-4 optim.memory_lr=1e-4"
     ablation: bool = False  # run only when `ablations=true`
+    init: str = "memory"  # memory: the memory model; dense: the dense model (retrofit.enabled only)
+
+
+@dataclass
+class RetrofitDemoConfig:
+    """The retrofit path (module docstring): the memory's shape comes from `run.model`."""
+
+    enabled: bool = False
+    mode: str = "add"  # add | replace (smft-retrofit --mode)
+    continue_steps: int = 300  # continued pretraining of the memory (dense frozen)
+    continue_overrides: List[str] = field(default_factory=list)  # key=value on `run` for that stage
+    native_report: Optional[str] = None  # a report.json of the native demo to compare sparse finetuning with
 
 
 @dataclass
@@ -86,6 +104,7 @@ class ContinualConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    retrofit: RetrofitDemoConfig = field(default_factory=RetrofitDemoConfig)
     methods: List[MethodSweep] = field(default_factory=list)
     # Matched learning (smft_dist.continual.report): the target is the best learned F1 of `target_method`;
     # the claims checked in the report are about `reference_method`.
@@ -121,9 +140,19 @@ def load_continual_config(path: str | Path, overrides: Optional[List[str]] = Non
         if getattr(c, key) not in names:
             raise ConfigError(f"{path}: {key}={getattr(c, key)!r} is not one of the methods {names}")
     for m in c.methods:
+        if m.init not in ("memory", "dense") or (m.init == "dense" and not c.retrofit.enabled):
+            raise ConfigError(f"{path}: method {m.name!r} init={m.init!r}: memory, or dense with retrofit.enabled")
         for s in m.sweep or [""]:
             finetune_config(c, m, s, Path("."), where=f"{path}: method {m.name!r} setting {s!r}")
     return c
+
+
+def model_overrides(c: ContinualConfig, init: str) -> List[str]:
+    """key=value that make `run.model` the dense model (no memory layers) or the memory model (in
+    the retrofit path: the retrofitted one, with its memory mode)."""
+    if init == "dense":
+        return ["model.memory_layers=[]"]
+    return [f"model.memory_mode={c.retrofit.mode}"] if c.retrofit.enabled else []
 
 
 def derive(base: RunConfig, overrides: List[str], where: str) -> RunConfig:
@@ -144,7 +173,8 @@ def derive(base: RunConfig, overrides: List[str], where: str) -> RunConfig:
 
 def finetune_config(c: ContinualConfig, m: MethodSweep, setting: str, out: Path, where: str = "") -> RunConfig:
     b = c.benchmark
-    fixed = [f"mode=finetune", f"method={m.method}", f"model.init_from={out / 'background_index' / 'checkpoints'}",
+    init = out / ("dense_pretrain" if m.init == "dense" else "background_index") / "checkpoints"
+    fixed = [*model_overrides(c, m.init), f"mode=finetune", f"method={m.method}", f"model.init_from={init}",
              f"data.batch_size={b.paraphrases}", "data.shuffle=false", f"steps={b.n_new}",
              f"data.seq_len={b.seq_len}", "optim.warmup_steps=0", "optim.schedule=constant"]
     return derive(c.run, fixed + list(m.overrides) + setting.split(), where or f"method {m.name!r}")
@@ -178,17 +208,22 @@ def prepare_data(c: ContinualConfig, out: Path) -> Path:
 def pretrain_and_index(c: ContinualConfig, out: Path, data: Path) -> dict:
     """Pretrain (unless reusable) and build the df index with the real training loop -> timings."""
     from smft_dist.train import checkpoint as ckpt
-    from smft_dist.train.loop import train
 
     times = {}
     common = [f"data.seq_len={c.benchmark.seq_len}"]
+    if c.retrofit.enabled:
+        times.update(retrofit_and_continue(c, out, data))
+        common += model_overrides(c, "memory")
     pre_root = Path(c.pretrain.from_checkpoint) if c.pretrain.from_checkpoint else out / "pretrain" / "checkpoints"
+    if c.retrofit.enabled:
+        pre_root = out / "continue_pretrain" / "checkpoints"
     latest = ckpt.latest_checkpoint(pre_root)
-    fresh = latest is None or ckpt.read_meta(latest)["step"] < c.pretrain.steps
-    if fresh and c.pretrain.from_checkpoint:
+    fresh = latest is None or ckpt.read_meta(latest)["step"] < (c.retrofit.continue_steps if c.retrofit.enabled
+                                                                 else c.pretrain.steps)
+    if fresh and c.pretrain.from_checkpoint and not c.retrofit.enabled:
         raise ConfigError(f"pretrain.from_checkpoint={pre_root} holds no checkpoint of >= {c.pretrain.steps} steps")
     stages = []
-    if fresh:
+    if fresh and not c.retrofit.enabled:
         stages.append(("pretrain", common + list(c.pretrain.overrides) + [
             "mode=pretrain", f"steps={c.pretrain.steps}", f"data.train={data / 'pretrain'}",
             f"out_dir={out / 'pretrain'}", "checkpoint.keep=1"]))
@@ -199,10 +234,53 @@ def pretrain_and_index(c: ContinualConfig, out: Path, data: Path) -> dict:
             f"selection.background_batches={c.pretrain.background_batches}", f"out_dir={out / 'background_index'}",
             "checkpoint.resume=none"]))
     for name, overrides in stages:
-        cfg = derive(c.run, overrides, name)
-        t0 = time.time()
-        train(cfg)
-        times[f"{name}_s"] = time.time() - t0
+        _train_stage(c, name, overrides, times)
+    return times
+
+
+def _train_stage(c: ContinualConfig, name: str, overrides: List[str], times: dict) -> None:
+    from smft_dist.train.loop import train
+
+    cfg = derive(c.run, overrides, name)
+    t0 = time.time()
+    train(cfg)
+    times[f"{name}_s"] = time.time() - t0
+
+
+def retrofit_and_continue(c: ContinualConfig, out: Path, data: Path) -> dict:
+    """The retrofit path's first stages, each reused when present: dense pretraining, the dense
+    model as a LlamaForCausalLM folder, `smft-retrofit`, continued pretraining of the memory alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from smft_dist.model.retrofit import retrofit
+    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.train.export import load_checkpoint_model
+
+    times, m = {}, c.run.model
+    common = [f"data.seq_len={c.benchmark.seq_len}", f"data.train={data / 'pretrain'}", "checkpoint.keep=1",
+              "mode=pretrain"]
+    dense_root = out / "dense_pretrain" / "checkpoints"
+    latest = ckpt.latest_checkpoint(dense_root)
+    if latest is None or ckpt.read_meta(latest)["step"] < c.pretrain.steps:
+        _train_stage(c, "dense_pretrain", common + model_overrides(c, "dense") + list(c.pretrain.overrides) + [
+            f"steps={c.pretrain.steps}", f"out_dir={out / 'dense_pretrain'}"], times)
+    hf, smft = out / "dense_hf", out / "retrofit_model"
+    if not (smft / "model.yaml").is_file():
+        dense, _ = load_checkpoint_model(dense_root)  # an SmftForCausalLM without memory layers = a Llama
+        llama_cfg = {k: v for k, v in dense.config.to_dict().items() if not k.startswith("memory_")
+                     and k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+        llama = LlamaForCausalLM(LlamaConfig(**llama_cfg))
+        llama.load_state_dict(dense.state_dict())
+        llama.save_pretrained(hf)
+        retrofit(hf, smft, list(m.memory_layers), tokenizer=str(data / "tokenizer"), mode=c.retrofit.mode,
+                 n_keys=m.memory_n_keys, heads=m.memory_heads, knn=m.memory_knn, k_dim=m.memory_k_dim,
+                 value_dim=m.memory_value_dim, swilu=m.memory_swilu, qk_norm=m.memory_qk_norm,
+                 value_dtype=m.memory_value_dtype, seed=c.run.seed)
+    latest = ckpt.latest_checkpoint(out / "continue_pretrain" / "checkpoints")
+    if latest is None or ckpt.read_meta(latest)["step"] < c.retrofit.continue_steps:
+        _train_stage(c, "continue_pretrain", common + model_overrides(c, "memory") + list(c.retrofit.continue_overrides)
+                     + ["optim.train_dense=false", f"steps={c.retrofit.continue_steps}", f"model.init_from={smft}",
+                        f"out_dir={out / 'continue_pretrain'}"], times)
     return times
 
 
@@ -326,6 +404,19 @@ def run(c: ContinualConfig, out: Path) -> dict:
     log.info("pretrained: known F1 %.3f (memory zeroed: %.3f), new-fact F1 %.3f, held-out NLL %.3f",
              before["known_f1"], zeroed["known_f1"], before["learned_f1"], before["heldout_nll"])
     del model
+    before_by_init = {"memory": before}
+    if c.retrofit.enabled:
+        dense, _ = load_checkpoint_model(out / "dense_pretrain" / "checkpoints")
+        before_by_init["dense"] = bench.evaluate(dense)
+        pretrained["dense"] = {"known_f1": before_by_init["dense"]["known_f1"],
+                               "heldout_nll": before_by_init["dense"]["heldout_nll"]}
+        gates = [p.detach().abs().mean().item() for n, p in load_checkpoint_model(
+            out / "background_index" / "checkpoints")[0].named_parameters() if n.endswith("memory_gate")]
+        pretrained["retrofit"] = {"mode": c.retrofit.mode, "continue_steps": c.retrofit.continue_steps,
+                                  "mean_abs_gate": gates}
+        log.info("dense model: known F1 %.3f, held-out NLL %.3f; retrofitted memory's mean |gate| %s",
+                 pretrained["dense"]["known_f1"], pretrained["dense"]["heldout_nll"], gates)
+        del dense
 
     ctx = init_distributed(c.run.dist)
     orders = [fact_order(len(bench.fact_batches), k, c.benchmark.seed) for k in range(c.fact_orders)]
@@ -339,12 +430,16 @@ def run(c: ContinualConfig, out: Path) -> dict:
             runs = []
             for k, perm in enumerate(orders):
                 torch.manual_seed(c.run.seed)  # the same init (LoRA) and sampling in every order
-                runs.append(run_setting(cfg, ctx, bench.reordered(perm), before,
+                runs.append(run_setting(cfg, ctx, bench.reordered(perm), before_by_init[m.init],
                                         f"{m.name} [{setting or 'default'}] order {k}"))
             results[m.name]["sweep"].append({"setting": setting, **aggregate_orders(runs)})
     report = {"config": OmegaConf.to_container(OmegaConf.structured(c)), "pretrained": pretrained,
               "fact_order_permutations": orders, "sweeps": results,
               "times": {**times, "total_s": time.time() - t_start}}
+    if c.retrofit.native_report:  # the natively pretrained memory model's run, to compare with
+        native = json.loads(Path(c.retrofit.native_report).read_text())
+        report["native"] = {"path": c.retrofit.native_report, "pretrained": native["pretrained"],
+                            "methods": native["methods"]}
     write_report(out, report, c.reference_method, c.target_method)
     return report
 

@@ -131,6 +131,7 @@ def _markdown(report: dict, reference: str) -> str:
     lines += ["", f"**Checks against the paper's claims (this run, means over {n_orders} fact order"
               f"{'s' if n_orders > 1 else ''}):**", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks(methods, reference)]
+    lines += _retrofit_lines(report, reference)
     lines += ["", f"**Memory ablation** (after pretraining): known-fact F1 {pre['known_f1']:.3f}, with the memory "
               f"layer's output zeroed {pre['known_f1_memory_zeroed']:.3f} (held-out NLL {pre['heldout_nll']:.3f} → "
               f"{pre['heldout_nll_memory_zeroed']:.3f}): the memory, not the dense layers, holds the known facts "
@@ -152,6 +153,32 @@ def _markdown(report: dict, reference: str) -> str:
               "".join(f", {k[:-2].replace('_', ' ')} {v / 60:.1f} min" for k, v in t.items() if k != "total_s") + ".",
               ""]
     return "\n".join(lines)
+
+
+def _retrofit_lines(report: dict, reference: str) -> list[str]:
+    """The retrofit path (smft_dist.continual.benchmark): what started where, and the reference
+    method against the natively pretrained memory model's run when one is given."""
+    pre = report["pretrained"]
+    if "retrofit" not in pre:
+        return []
+    r, cfg = pre["retrofit"], report["config"]
+    dense_methods = [m["name"] for m in cfg["methods"] if m.get("init") == "dense"]
+    lines = ["", f"**Retrofit path.** A dense model (no memory layers) was pretrained {cfg['pretrain']['steps']} steps "
+             f"(known F1 {pre['dense']['known_f1']:.3f}, held-out NLL {pre['dense']['heldout_nll']:.3f}), retrofitted "
+             f"with `smft-retrofit --mode {r['mode']}` and its memory alone pretrained {r['continue_steps']} more steps "
+             f"(dense weights frozen; mean |gate| after: {', '.join(f'{g:.3f}' for g in r['mean_abs_gate']) or '-'}). "
+             f"{', '.join(dense_methods) or 'No method'} finetune the dense model; the others the retrofitted one."]
+    native = report.get("native")
+    if native and reference in native["methods"] and reference in report["methods"]:
+        a, b = report["methods"][reference], native["methods"][reference]
+        lines += ["", f"**Retrofitted vs natively pretrained memory model** ({reference}; native run: "
+                  f"`{native['path']}`):", "",
+                  "| Model | Learned F1 | Known-F1 drop | Held-out NLL before → after | Setting shown |",
+                  "|---|---|---|---|---|"]
+        for label, m in (("retrofitted", a), ("native", b)):
+            lines.append(f"| {label} | {m['learned_f1']:.3f} | {m['known_f1_drop_pct']:.1f}% | "
+                         f"{m['heldout_nll_before']:.3f} → {m['heldout_nll_after']:.3f} | `{m['setting'] or 'default'}` |")
+    return lines
 
 
 def _plot(report: dict, out: Path) -> list[Path]:
