@@ -257,14 +257,18 @@ TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "launche
 
 
 @pytest.mark.slow
-def test_fixtures_to_two_rank_sparse_finetune_to_smft_eval(tok, tmp_path):
+def test_fixtures_to_two_rank_sparse_finetune_to_smft_eval(tok, tmp_path, capsys):
     """smft-data facts + docs from the fixtures, a 2-rank sparse finetune on the facts, smft-eval
     of its sharded checkpoint on the NQ-layout file (every alias scored) and on held-out MDS;
     resuming the run onto the documents fails with the fingerprint message."""
-    run_cli([PY, "-m", "smft_dist.data.cli", "facts", str(FIX / "triviaqa.jsonl"), "--tokenizer", tok,
-             "--out", str(tmp_path / "facts"), "--paraphrases", "4", "--seq-len", "48"])
-    run_cli([PY, "-m", "smft_dist.data.cli", "docs", str(FIX / "documents.jsonl"), "--tokenizer", tok,
-             "--out", str(tmp_path / "docs"), "--chunk-tokens", "40", "--augmentations", "4", "--seq-len", "128"])
+    from smft_dist.eval.cli import evaluate_model, load_eval_model
+    from smft_dist.eval.cli import main as smft_eval
+    from smft_dist.train.export import export
+
+    assert smft_data(["facts", str(FIX / "triviaqa.jsonl"), "--tokenizer", tok, "--out", str(tmp_path / "facts"),
+                      "--paraphrases", "4", "--seq-len", "48"]) == 0
+    assert smft_data(["docs", str(FIX / "documents.jsonl"), "--tokenizer", tok, "--out", str(tmp_path / "docs"),
+                      "--chunk-tokens", "40", "--augmentations", "4", "--seq-len", "128"]) == 0
     run = [*TORCHRUN, "--config", "configs/tiny/finetune_sparse.yaml", f"out_dir={tmp_path}/run", "model.init_from=null",
            f"model.tokenizer={tok}", "selection.mode=tf", "data.seq_len=48", "data.batch_size=2",
            "checkpoint.every=2", "logging.progress=false"]
@@ -282,15 +286,21 @@ def test_fixtures_to_two_rank_sparse_finetune_to_smft_eval(tok, tmp_path):
     assert nq["n"] == 30 and {p["id"]: p["answers"] for p in nq["predictions"]} == gold  # every alias scored
     assert nq["f1"] == pytest.approx(sum(f1_score(p["prediction"], gold[p["id"]]) for p in nq["predictions"]) / 30)
     assert results["nll"][str(tmp_path / "docs" / "train")]["tokens"] > 0
+    # The exported Hugging Face folder (with its tokenizer) answers exactly as the sharded checkpoint.
+    export(tmp_path / "run" / "checkpoints", tmp_path / "hf", tok)
+    model, t = load_eval_model(tmp_path / "hf", device="cpu")  # its own tokenizer
+    hf = evaluate_model(model, t, qa=[FIX / "nq_open.jsonl"], max_new_tokens=3)["qa"][str(FIX / "nq_open.jsonl")]
+    assert [p["prediction"] for p in hf["predictions"]] == [p["prediction"] for p in nq["predictions"]]
 
     r = run_cli([*run, f"data.train={tmp_path}/docs/train", "data.seq_len=128", "steps=6"], check=False)
     assert r.returncode != 0, r.stderr[-3000:]  # each rank prints one error line and exits 2 (torchrun then 1)
     assert re.search(rf"error: the saved data position is in dataset {tmp_path}/facts/train \(index fingerprint \w+\) "
                      rf"but this run reads {tmp_path}/docs/train", r.stderr), r.stderr[-2000:]
 
-    r = run_cli([PY, "-m", "smft_dist.eval.cli", str(tmp_path / "run" / "checkpoints"), "--qa",
-                 str(tmp_path / "missing.jsonl")], check=False)
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: input") and "missing.jsonl" in r.stderr
+    capsys.readouterr()
+    assert smft_eval([str(tmp_path / "run" / "checkpoints"), "--qa", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: input") and "missing.jsonl" in err[0]
 
 
 def test_data_seq_len_must_match_the_written_samples(tok, tmp_path):

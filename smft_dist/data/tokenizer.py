@@ -1,6 +1,7 @@
 """Word-level tokenizer for the synthetic benchmark, saved as a Hugging Face tokenizer folder.
 
-Ids 0-3 are fixed: `<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3 (SmftConfig uses pad 0, bos 1, eos 2).
+Ids 0-3 are `<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3. Nothing else assumes them: data writing and
+evaluation take pad/bos/eos from whatever tokenizer folder they are given (`special_token_ids`).
 Text is lowercased and split on whitespace and punctuation; `tokenizer(text)` prepends `<s>`, as
 Llama tokenizers do, and `decode` joins words with spaces.
 """

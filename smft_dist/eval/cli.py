@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from smft_dist.data.loader import DataError
+from smft_dist.data.sources import check_inputs
 from smft_dist.eval.lm_eval_adapter import run_lm_eval
 from smft_dist.eval.nll import mds_heldout_nll
 from smft_dist.eval.qa import evaluate_qa, load_qa_jsonl
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("nothing to evaluate: pass --qa FILE, --nll MDS_FOLDER and/or --lm-eval TASKS")
         if args.batch_size < 1 or args.max_new_tokens < 1:
             raise DataError("--batch-size and --max-new-tokens must be >= 1")
+        if args.qa:
+            check_inputs(args.qa, None)  # a typo fails before the model loads
         model, tok = load_eval_model(args.model, args.tokenizer, args.device)
         results = evaluate_model(model, tok, args.qa, args.nll, tasks, batch_size=args.batch_size,
                                  max_new_tokens=args.max_new_tokens, nll_batches=args.nll_batches,
