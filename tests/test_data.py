@@ -24,9 +24,9 @@ def syn(tmp_path_factory):
     return out
 
 
-def _numbered(folder, n):
-    """n samples whose identity is their `group` (and input_ids[1])."""
-    samples = ({"input_ids": np.array([1, i, 2] + [0] * (SEQ - 3), np.int32),
+def _numbered(folder, n, offset=0):
+    """n samples whose identity is their `group` (and input_ids[1] - offset)."""
+    samples = ({"input_ids": np.array([1, i + offset, 2] + [0] * (SEQ - 3), np.int32),
                 "attention_mask": np.array([1] * 3 + [0] * (SEQ - 3), np.uint8),
                 "loss_mask": np.array([0, 1, 1] + [0] * (SEQ - 3), np.uint8), "group": i} for i in range(n))
     with atomic_dir(folder) as tmp:

@@ -12,6 +12,7 @@ from smft_dist.data.loader import DataError, build_dataloader, forever
 from smft_dist.data.streaming_compat import import_streaming
 from smft_dist.eval.qa import f1_score, load_qa_jsonl
 from tests.conftest import PY, ROOT, run_cli
+from tests.test_data import _numbered
 
 FIX = ROOT / "tests" / "fixtures"
 
@@ -176,18 +177,6 @@ def test_convert_reads_compressed_and_parquet_inputs_in_parallel_and_uploads(tok
     err = capsys.readouterr().err
     m = re.search(r"c\.jsonl:(\d+): token id (\d+) \('.*'\) is >= vocab_size 40", err)
     assert m and int(m.group(1)) == 1 and int(m.group(2)) >= 40 and not (tmp_path / "v").exists(), err
-
-
-def _numbered(folder, n, offset=0):
-    from smft_dist.data.mds import atomic_dir, write_mds
-
-    seq = 8
-    samples = ({"input_ids": np.array([1, i + offset, 2] + [0] * (seq - 3), np.int32),
-                "attention_mask": np.array([1] * 3 + [0] * (seq - 3), np.uint8),
-                "loss_mask": np.array([0, 1, 1] + [0] * (seq - 3), np.uint8), "group": i} for i in range(n))
-    with atomic_dir(folder) as tmp:
-        write_mds(tmp, samples, grouped=True)
-    return str(folder)
 
 
 def test_a_saved_position_only_resumes_on_its_own_dataset(tmp_path):

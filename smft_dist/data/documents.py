@@ -13,12 +13,11 @@ pairs ("Q: What does the text say about <opening words>? A: <sentence>").
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import re
 from pathlib import Path
 
-from smft_dist.data.loader import DataError
+from smft_dist.data.sources import read_texts_by_id
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 PREFIXES = ["", "Here is a passage.", "From the article:", "Read this carefully.", "A note to remember:",
@@ -35,33 +34,25 @@ def split_chunks(doc_id, text: str, count_tokens, max_tokens: int) -> list[dict]
     measures), longer paragraphs split at sentence ends. A single sentence longer than
     `max_tokens` stays whole (the writer then reports it)."""
     pieces: list[str] = []
-    for para in (p.strip() for p in re.split(r"\n\s*\n", text)):
-        if not para:
-            continue
-        if count_tokens(para) <= max_tokens:
-            pieces.append(" ".join(para.split()))
-            continue
-        current = ""
-        for s in sentences(" ".join(para.split())):
-            joined = f"{current} {s}".strip()
-            if current and count_tokens(joined) > max_tokens:
-                pieces.append(current)
-                current = s
-            else:
-                current = joined
-        if current:
-            pieces.append(current)
-    chunks, current = [], ""
-    for piece in pieces:
-        joined = f"{current}\n\n{piece}" if current else piece
+    for para in (" ".join(p.split()) for p in re.split(r"\n\s*\n", text)):
+        if para:
+            pieces += [para] if count_tokens(para) <= max_tokens else _greedy_join(sentences(para), " ",
+                                                                                   count_tokens, max_tokens)
+    chunks = _greedy_join(pieces, "\n\n", count_tokens, max_tokens)
+    return [{"id": f"{doc_id}#{k}", "doc_id": doc_id, "text": c} for k, c in enumerate(chunks)]
+
+
+def _greedy_join(parts: list[str], sep: str, count_tokens, max_tokens: int) -> list[str]:
+    """Consecutive `parts` joined with `sep` while the join stays within `max_tokens`."""
+    out, current = [], ""
+    for part in parts:
+        joined = f"{current}{sep}{part}" if current else part
         if current and count_tokens(joined) > max_tokens:
-            chunks.append(current)
-            current = piece
+            out.append(current)
+            current = part
         else:
             current = joined
-    if current:
-        chunks.append(current)
-    return [{"id": f"{doc_id}#{k}", "doc_id": doc_id, "text": c} for k, c in enumerate(chunks)]
+    return out + [current] if current else out
 
 
 def _render(kind: str, prefix: str, sents: list[str], rng: random.Random) -> str:
@@ -94,17 +85,4 @@ def augment(chunk: dict, n: int, seed: int = 0) -> list[str]:
 
 def load_augmentations(path: str | Path) -> dict:
     """{"id": chunk id, "augmentations": [...]} per line -> {chunk id: [texts]}."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"augmentations file {path} does not exist: pass a JSONL of {{\"id\", \"augmentations\"}}")
-    out = {}
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out[row["id"]] = [str(t) for t in row["augmentations"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{i}: expected {{\"id\", \"augmentations\": [...]}} ({e!r})") from None
-    return out
+    return read_texts_by_id(path, "augmentations")

@@ -22,12 +22,12 @@ which each fact gets a seeded random N (as the synthetic world does). A user JSO
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from pathlib import Path
 from typing import Iterable
 
 from smft_dist.data.loader import DataError
+from smft_dist.data.sources import read_texts_by_id
 from smft_dist.data.synthetic import qa_prompt
 
 STATEMENT_TEMPLATES = [
@@ -113,22 +113,4 @@ def fact_statements(qa: dict, n: int, seed: int = 0) -> list[str]:
 
 def load_paraphrases(path: str | Path) -> dict:
     """{"id", "paraphrases": [...]} per line -> {id: [texts]} (ids as in the QA rows)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"paraphrases file {path} does not exist: pass a JSONL of {{\"id\", \"paraphrases\"}}")
-    out = {}
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts = [str(t) for t in row["paraphrases"]]
-                key = row["id"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{i}: expected {{\"id\", \"paraphrases\": [...]}} ({e!r})") from None
-            if not texts:
-                raise DataError(f"{path}:{i}: id {key!r} has no paraphrases")
-            out[key] = texts
-    return out
-
+    return read_texts_by_id(path, "paraphrases")

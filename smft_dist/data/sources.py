@@ -138,3 +138,17 @@ def check_inputs(inputs: list[str], hf: str | None) -> None:
             raise DataError(f"input {path} does not exist or is not a file: check the path")
         if _suffix(path) not in JSONL_SUFFIXES + TEXT_SUFFIXES + (".parquet", ""):
             raise DataError(f"input {path}: unknown format {_suffix(path)!r}: use {FORMATS}")
+
+
+def read_texts_by_id(path: str | Path, field: str) -> dict:
+    """A JSONL of {"id", field: [texts]} (user-written paraphrases or augmentations) -> {id: texts}."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: pass a JSONL of {{\"id\", \"{field}\": [...]}}")
+    out = {}
+    for where, row in _jsonl(path, _Part((0, 1), 1)):
+        texts = row.get(field)
+        if "id" not in row or not isinstance(texts, list) or not texts:
+            raise DataError(f"{where}: expected {{\"id\", \"{field}\": [one or more texts]}}, got fields {sorted(row)}")
+        out[row["id"]] = [str(t) for t in texts]
+    return out
