@@ -6,6 +6,9 @@ the file it came from. Cross-field checks live in `validate()` and name the key 
 
 A YAML file may start with ``base: [other.yaml, ...]`` (paths relative to the file): those are
 merged first, so a run config can reuse ``configs/model/tiny.yaml``.
+
+omegaconf is imported only where YAML is read or written: the dataclasses, `validate()` and
+everything built from a `RunConfig` work without it (benchmarks/gpu_check.py builds one directly).
 """
 from __future__ import annotations
 
@@ -15,9 +18,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
-
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 
 class ConfigError(ValueError):
@@ -56,6 +56,7 @@ class ModelConfig:
     memory_qk_norm: bool = False
     memory_value_dtype: str = "float32"  # float32 | bfloat16
     memory_mode: str = "replace"  # replace (the FFN) | add (beside the FFN, zero-init gate: smft-retrofit)
+    activation_checkpointing: bool = False  # recompute decoder blocks in backward (not the memory blocks)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     num_workers: int = 0
+    # finetune on an unshuffled grouped set (a fact's paraphrases): refuse to start unless
+    # batch_size x world x optim.grad_accum equals the group size (false: batches may split facts)
+    one_group_per_batch: bool = True
 
 
 @dataclass
@@ -85,6 +89,7 @@ class OptimConfig:
     memory_optimizer: str = "sgd"  # sparse-memory finetuning: sgd | adamw (ablation)
     momentum: float = 0.0
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
+    grad_accum: int = 1  # micro-batches per optimizer step (the global batch is batch_size x world x grad_accum)
 
 
 @dataclass
@@ -141,6 +146,7 @@ class RunConfig:
     seed: int = 0
     steps: int = 100
     out_dir: str = "runs/run"
+    precision: str = "fp32"  # fp32 | bf16 (autocast forward; FSDP2/DeepSpeed bf16 dense weights)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -162,11 +168,14 @@ _CHOICES = {
     "dist.device": ("auto", "cpu", "cuda"),
     "model.memory_value_dtype": ("float32", "bfloat16"),
     "model.memory_mode": ("replace", "add"),
+    "precision": ("fp32", "bf16"),
 }
 
 
 def _load_yaml(path: Path, seen: tuple = ()) -> Any:
     """Load one YAML file, merging its ``base:`` files first. Returns a plain DictConfig."""
+    from omegaconf import OmegaConf
+
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: check the --config path")
     if path.resolve() in seen:
@@ -185,6 +194,9 @@ def _load_yaml(path: Path, seen: tuple = ()) -> Any:
 
 
 def _merge_into(schema, node, source: str, schema_name: str = "smft_dist.config.RunConfig"):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return OmegaConf.merge(schema, node)
     except OmegaConfBaseException as e:
@@ -200,6 +212,8 @@ def load_config(path: Optional[str | os.PathLike | List[str | os.PathLike]] = No
                 overrides: Optional[List[str]] = None) -> RunConfig:
     """Build a validated `RunConfig` from YAML files (merged in order: a later file's keys win)
     and ``key=value`` overrides."""
+    from omegaconf import OmegaConf
+
     cfg = OmegaConf.structured(RunConfig)
     for one in [path] if isinstance(path, (str, os.PathLike)) else path or []:
         cfg = _merge_into(cfg, _load_yaml(Path(one)), str(one))
@@ -214,6 +228,8 @@ def load_config(path: Optional[str | os.PathLike | List[str | os.PathLike]] = No
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    from omegaconf import OmegaConf
+
     OmegaConf.save(OmegaConf.structured(cfg), path)
 
 
@@ -227,6 +243,10 @@ def _get(cfg: RunConfig, dotted: str):
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     """Cross-field checks; each error names the key and the fix. `world_size` adds the
     parallel-size arithmetic, done at start-up once the world is known."""
+    if cfg.precision == "fp16":
+        raise ConfigError("precision=fp16 is not supported: fp16 needs a loss scale, and the memory rows' "
+                          "row-sparse gradients bypass the engines' unscaling (they would be applied scaled); "
+                          "use precision=bf16")
     for key, choices in _CHOICES.items():
         v = _get(cfg, key)
         if v not in choices:
@@ -262,7 +282,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     if len(set(m.memory_layers)) != len(m.memory_layers):
         raise ConfigError(f"model.memory_layers={m.memory_layers} has duplicates")
     for key in ("data.seq_len", "data.batch_size", "steps", "selection.top_t", "selection.background_batches",
-                "optim.max_nonfinite_steps", "logging.every"):
+                "optim.max_nonfinite_steps", "optim.grad_accum", "logging.every"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
     for key in ("data.num_workers", "checkpoint.every", "checkpoint.keep", "optim.warmup_steps",

@@ -72,7 +72,7 @@ def _convert_part(args, k: int, n: int, out: Path, remote: str | None) -> dict:
         samples = example_samples(enc, ([r] for r in records), stats, args.on_long)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        write_mds(out, samples, remote=remote)
+        write_mds(out, samples, remote=remote, progress=f"part {k + 1}/{n}" if n > 1 else "convert")
     except DataError:
         raise
     except ValueError as e:  # no samples
@@ -113,7 +113,7 @@ def _write_groups(args, tmp: Path, enc: Encoder, groups: list[list[dict]], what:
     """The grouped MDS of `facts`/`docs` into tmp/train, one group after the other."""
     stats = WriteStats()
     (tmp / "train").mkdir()
-    write_mds(tmp / "train", example_samples(enc, groups, stats, args.on_long), grouped=True)
+    write_mds(tmp / "train", example_samples(enc, groups, stats, args.on_long), grouped=True, progress=what)
     _report_dropped(stats, what)
     return stats
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,9 +177,10 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
 
 
 def write_mds(out_dir: str | Path, samples: Iterable[dict], grouped: bool = False,
-              size_limit: int = 1 << 26, remote: str | None = None) -> int:
+              size_limit: int = 1 << 26, remote: str | None = None, progress: str | None = None) -> int:
     """Write `samples` (dicts in the schema above) as MDS shards into an existing empty folder,
-    and also to `remote` (a URI MDSWriter can upload to, or another folder) if given.
+    and also to `remote` (a URI MDSWriter can upload to, or another folder) if given. With
+    `progress` (a label), shows a tqdm bar on a terminal, else a log line every 30 s.
     Returns the number written; raises if there were none."""
     streaming = import_streaming()
     columns = dict(COLUMNS, **({"group": "int"} if grouped else {}))
@@ -186,7 +189,7 @@ def write_mds(out_dir: str | Path, samples: Iterable[dict], grouped: bool = Fals
     # Shard hashes in index.json make the index a fingerprint of the samples (the loader's dataset id).
     with streaming.MDSWriter(out=out, columns=columns, size_limit=size_limit, keep_local=True,
                              hashes=["xxh3_64"]) as writer:
-        for sample in samples:
+        for sample in _with_progress(samples, progress) if progress else samples:
             writer.write(sample)
             n += 1
     if n == 0:
@@ -213,3 +216,17 @@ def read_info(mds_dir: str | Path) -> dict | None:
     """The `smft_data.json` of a local MDS folder (None if absent)."""
     f = Path(mds_dir) / INFO_FILE
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _with_progress(samples: Iterable[dict], label: str, every_s: float = 30.0) -> Iterator[dict]:
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(samples, desc=label, unit=" samples")
+        return
+    last = time.monotonic()
+    for n, sample in enumerate(samples, 1):
+        yield sample
+        if time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            print(f"smft-data: {label}: {n} samples written", file=sys.stderr, flush=True)

@@ -2,11 +2,12 @@
 
 `build_run(cfg, ctx)` composes: the model (fresh, an HF folder or a checkpoint), the memory
 sharding, the method (which weights train, with which optimizer), the dense engine and the df
-index. `Trainer.train_step(batch)` is the step for every method:
+index. `Trainer.train_step(micro_batches)` is the step for every method:
 
-    zero the tables' step state -> forward -> (sparse memory: global TF-IDF top-t, restrict the
-    backward to those rows) -> backward -> average row grads over data-parallel ranks ->
-    dense engine step -> memory optimizer step
+    zero the tables' step state -> for each of the optim.grad_accum micro-batches: forward
+    (autocast for precision=bf16) -> (last one, sparse memory: global TF-IDF top-t over the counts
+    of every micro-batch, restrict its backward to those rows) -> backward -> average row grads
+    over data-parallel ranks -> dense engine step -> memory optimizer step (once)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from smft_dist.model import SmftConfig, SmftForCausalLM
 from smft_dist.optim import RowSparseAdamW, build_memory_optimizer, freeze_dense
 from smft_dist.selection import BackgroundIndex, select_for_model
 from smft_dist.train import checkpoint as ckpt
-from smft_dist.train.engines import DeepSpeedEngine, FSDP2Engine, PlainEngine
+from smft_dist.train.engines import DeepSpeedEngine, FSDP2Engine, PlainEngine, deepspeed_config
 
 log = logging.getLogger("smft_dist")
 
@@ -131,48 +132,75 @@ class Trainer:
             dist.all_reduce(t)
         return t.tolist()
 
-    def train_step(self, batch: dict) -> dict:
-        batch = self._to_device(batch)
+    def _autocast(self):
+        """bf16 autocast of the forward on the run's device (a no-op context for fp32)."""
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def train_step(self, micro_batches: list[dict] | dict) -> dict:
+        """One optimizer step over `optim.grad_accum` micro-batches (a dict: one micro-batch).
+
+        The step's loss is the mean over all its label tokens on this rank (micro-batch k's loss
+        weighs n_k / sum n), so K micro-batches of b rows train as one batch of K x b rows. Access
+        counts accumulate over the K forwards, and in sparse memory finetuning the global top-t is
+        chosen after the last forward, before its backward: it covers every micro-batch on every rank.
+        Row gradients of micro-batches 1..K-1 travel unrestricted (their selection is not known yet)
+        and are filtered by the optimizer; with K = 1 only the selected rows' gradients travel.
+        """
+        micro = [self._to_device(b) for b in (micro_batches if isinstance(micro_batches, list) else [micro_batches])]
         for t in self.tables:
             t.zero_step()
-        n_label = int((batch["labels"][:, 1:] != -100).sum())
-        out = self.engine(**batch)
-        loss = out.loss
-        finite = bool(torch.isfinite(loss)) if n_label else True
-        global_labels, bad = self._all_sum([n_label, 0.0 if finite else 1.0])
+        n_labels = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
+        rank_labels = sum(n_labels)
+        global_labels = self._all_sum([rank_labels])[0]
         if global_labels == 0:  # empty or all-padding batch: nothing to learn, no selection
             log.warning("skipping a step whose global batch has no label tokens (empty or all padding)")
             return {"skipped": 1, "rows_selected": 0}
-        if bad:
-            self.nonfinite_in_a_row += 1
-            log.warning("non-finite loss (%s) on some rank: step skipped (%d in a row)", loss.item(),
-                        self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{self.nonfinite_in_a_row} non-finite losses in a row: lower the learning rate or check the "
-                    f"data (optim.max_nonfinite_steps={self.cfg.optim.max_nonfinite_steps})")
-            return {"skipped": 1, "rows_selected": 0}
+        metrics, selected, loss_sum, tokens = {}, None, 0.0, 0
+        for k, (batch, n_label) in enumerate(zip(micro, n_labels)):
+            last = k == len(micro) - 1
+            with self._autocast():
+                out = self.engine(**batch)
+            loss = out.loss
+            finite = bool(torch.isfinite(loss)) if n_label else True
+            if self._all_sum([0.0 if finite else 1.0])[0]:
+                return self._skip_nonfinite(loss)
+            if last and self.sparse:
+                selected, stats = select_for_model(self.tables, self.df_indexes, self.cfg.selection)
+                metrics["rows_selected"] = sum(s.selected for s in stats)
+                metrics["rows_touched"] = sum(s.candidates for s in stats)
+            if n_label == 0:
+                weighted = out.logits.sum() * 0.0  # this rank has nothing to learn but must join the backward
+            else:
+                weighted = loss * (n_label / rank_labels)
+            self.engine.backward(weighted, sync=last)
+            loss_sum += loss.item() * n_label
+            tokens += int(batch["attention_mask"].sum())
         self.nonfinite_in_a_row = 0
-        metrics = {}
-        selected = None
-        if self.sparse:
-            selected, stats = select_for_model(self.tables, self.df_indexes, self.cfg.selection)
-            metrics["rows_selected"] = sum(s.selected for s in stats)
-            metrics["rows_touched"] = sum(s.candidates for s in stats)
-        if n_label == 0:
-            loss = out.logits.sum() * 0.0  # this rank has nothing to learn but must join the backward
-        self.engine.backward(loss)
         for t in self.tables:
             t.scale_grad_(1.0 / self.ctx.world_size)  # sum over ranks -> mean, as for dense weights
             if self.ctx.dp_replicate > 1:
                 t.sync_replicas()
         self.engine.step()
         updated = self.memory_optimizer.step(selected) if self.memory_optimizer is not None else 0
-        loss_sum, tokens, updated = self._all_sum([loss.item() * n_label, int(batch["attention_mask"].sum()), updated])
+        loss_sum, tokens, updated = self._all_sum([loss_sum, tokens, updated])
         metrics.update(loss=loss_sum / global_labels, tokens=int(tokens))
         if self.memory_optimizer is not None:
             metrics["rows_updated"] = int(updated) // self.ctx.dp_replicate  # replicas update the same rows
         return metrics
+
+    def _skip_nonfinite(self, loss) -> dict:
+        """Drop the step (its accumulated gradients too); stop after max_nonfinite_steps in a row."""
+        self.engine.zero_grad()
+        for t in self.tables:
+            t.zero_step()
+        self.nonfinite_in_a_row += 1
+        log.warning("non-finite loss (%s) on some rank: step skipped (%d in a row)", loss.item(),
+                    self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.cfg.optim.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row: lower the learning rate or check the "
+                f"data (optim.max_nonfinite_steps={self.cfg.optim.max_nonfinite_steps})")
+        return {"skipped": 1, "rows_selected": 0}
 
     def current_lr(self) -> float:
         """The learning rate of what trains: the memory rows in sparse mode, else the dense weights."""
@@ -230,10 +258,12 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
         if step_dir is not None:
             _check_model_matches(cfg, ckpt.read_meta(step_dir).get("model", {}), step_dir)
     if hf_dir is not None:
-        model = SmftForCausalLM.from_pretrained(hf_dir)
+        model = SmftForCausalLM.from_pretrained(hf_dir)  # on the host
         _check_model_matches(cfg, model.config.to_dict(), hf_dir)
-        model.to(ctx.device)
+        # Shard on the host: each rank's device receives its own rows only, never the whole table
+        # (shard_memory creates the shards on ctx.device, outside the model's registered modules).
         tables = shard_memory(model, ctx) if ctx.world_size > 1 else [layer.values for layer in model.memory_layers()]
+        model.to(ctx.device)
     else:
         model, tables = build_fresh_model(cfg, ctx)
 
@@ -271,6 +301,10 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
         memory_optimizer = build_memory_optimizer(tables, cfg.optim)
 
     run_model = wrapped if wrapped is not None else model
+    # from_pretrained returns eval mode: dropout (LoRA's included) must be on while training.
+    run_model.train()
+    if cfg.model.activation_checkpointing:
+        enable_activation_checkpointing(model)
     make_opt = lambda m: _dense_optimizer(cfg, m.parameters())  # noqa: E731
     has_dense = any(p.requires_grad for p in run_model.parameters())
     if cfg.dist.engine != "none" and not has_dense and ctx.is_main:
@@ -278,10 +312,11 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
                  cfg.dist.engine)
     if cfg.dist.engine == "deepspeed" and has_dense:
         opt, sched = make_opt(run_model)
-        engine = DeepSpeedEngine(run_model, opt, sched, cfg.optim.grad_clip, ctx.world_size, cfg.dist.zero_stage,
-                                 cfg.data.batch_size, cfg.dist.deepspeed_config)
+        ds_config = deepspeed_config(cfg.dist.zero_stage, cfg.data.batch_size, ctx.world_size, cfg.optim.grad_accum,
+                                     cfg.optim.grad_clip, cfg.precision, cfg.dist.deepspeed_config)
+        engine = DeepSpeedEngine(run_model, opt, sched, ctx.world_size, ds_config)
     elif cfg.dist.engine == "fsdp2" and ctx.world_size > 1 and has_dense:
-        engine = FSDP2Engine(run_model, make_opt, cfg.optim.grad_clip, ctx.world_size, ctx.device.type)
+        engine = FSDP2Engine(run_model, make_opt, cfg.optim.grad_clip, ctx.world_size, ctx.device.type, cfg.precision)
     else:
         opt, sched = make_opt(run_model)
         engine = PlainEngine(run_model, opt, sched, cfg.optim.grad_clip, ctx.world_size)
@@ -306,6 +341,19 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "tie_word_embeddings", "memory_layers", "memory_n_keys",
               "memory_heads", "memory_k_dim", "memory_value_dim", "memory_swilu", "memory_mode")
+
+
+def enable_activation_checkpointing(model: SmftForCausalLM) -> None:
+    """Recompute every decoder block in backward except those holding a memory layer.
+
+    A recomputed memory block would fetch its rows again (a second all-to-all inside the backward,
+    which every rank would have to enter in lockstep), record its accesses twice, and run without
+    the padding mask (set only during the model's forward). Keeping those blocks' activations
+    instead costs one block's activations per memory layer (`smft-inspect --plan` counts them)."""
+    model.config.use_cache = False  # a KV cache is never used while training (HF warns otherwise)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for i in model.config.memory_layers:
+        model.model.layers[i].gradient_checkpointing = False
 
 
 def _shape_value(section: dict, key: str):
