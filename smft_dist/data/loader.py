@@ -133,11 +133,14 @@ def build_dataloader(path: str, batch_size: int, *, shuffle: bool, seed: int, ra
     local, remote = _local_and_remote(str(path), local_cache)
     try:
         with _prefix_lock():
-            # num_canonical_nodes: streaming's own default (the physical node count), said aloud
-            # so it stops logging about it; it is saved in state_dict() for resharded resumes.
+            # num_canonical_nodes: shuffled, streaming's own default (the physical node count); it
+            # is saved in state_dict() for resharded resumes. Unshuffled, 1: with one canonical node
+            # per physical node each node reads its own contiguous block of the data, so global step
+            # s would hold samples of both halves (two facts on two nodes); with 1, step s holds the
+            # global samples [s*B*W, (s+1)*B*W) at any node count.
+            nodes = world_size // int(os.environ["LOCAL_WORLD_SIZE"])
             ds = streaming.StreamingDataset(local=local, remote=remote, shuffle=shuffle, shuffle_seed=seed,
-                                            batch_size=batch_size,
-                                            num_canonical_nodes=world_size // int(os.environ["LOCAL_WORLD_SIZE"]))
+                                            batch_size=batch_size, num_canonical_nodes=nodes if shuffle else 1)
     except ValueError as e:
         if "Reused local directory" in str(e):
             raise DataError(f"{local} is in use by another (or a crashed) streaming job: pass another "
@@ -209,6 +212,25 @@ def check_one_group_per_batch(dataset, batch_size: int, world_size: int, grad_ac
             f"the finetune set's first group holds {held} samples (one fact's paraphrases) but a global batch is "
             f"data.batch_size {batch_size} x world {world_size} x optim.grad_accum {grad_accum} = {global_batch}: "
             f"make the product {size} so that every step is one fact, or set data.one_group_per_batch=false")
+
+
+def check_one_group_per_batch(dataset, batch_size: int, world_size: int, grad_accum: int) -> None:
+    """Refuse an unshuffled grouped set (one fact's paraphrases per group) whose global batch
+    (batch_size x world x grad_accum samples) is not exactly its first group: each step would then
+    learn part of a fact, or two. Datasets without a `group` column pass. Reads at most 4 x G
+    samples."""
+    global_batch = batch_size * world_size * grad_accum
+    if dataset.num_samples == 0 or "group" not in dataset[0]:
+        return
+    first, size, cap = int(dataset[0]["group"]), 1, min(4 * global_batch, dataset.num_samples)
+    while size < cap and int(dataset[size]["group"]) == first:
+        size += 1
+    if size != global_batch:
+        held = f"more than {size - 1}" if size == cap and cap < dataset.num_samples else str(size)
+        raise DataError(
+            f"the finetune set's first group holds {held} samples (one fact's paraphrases) but a global batch is "
+            f"data.batch_size {batch_size} x world {world_size} x optim.grad_accum {grad_accum} = {global_batch}: "
+            f"make the product the group size so that every step is one fact, or set data.one_group_per_batch=false")
 
 
 def _forget_stale_resume(ds) -> None:

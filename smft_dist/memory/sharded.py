@@ -134,7 +134,8 @@ class ShardedValueTable(ValueTable):
         got_I2 = self._all_to_all(req_U2, recv_splits, send_splits, "fwd")
         local_I = got_I2[:, 0] - self.row_start
         # 2. local lookup; the counts arrive here from every requester: global c(i) of our rows
-        self._counts.add(local_I, got_I2[:, 1])
+        if self.records_accesses():
+            self._counts.add(local_I, got_I2[:, 1])
         rows_ID = self.weight.detach().index_select(0, local_I)
         # 3. distribute rows back, then undo the sort
         rows_UD = self._all_to_all(rows_ID, send_splits, recv_splits, "fwd")

@@ -7,7 +7,9 @@ A `ValueTable` holds rows ``[row_start, row_end)`` of an N x D table. The memory
 `embedding_bag`; subclasses implement two primitives that may communicate:
 
 - `fetch(ids_U, counts_U) -> rows_UD`: return the rows for globally unique ids; the owners record
-  `counts_U` as accesses of this step (the TF-IDF counts ride on the lookup's own routing);
+  `counts_U` as accesses of this step (the TF-IDF counts ride on the lookup's own routing) when
+  `records_accesses()`: in forwards that may train (grad enabled) and inside `counting_accesses`
+  (the df pass), never in inference or generation, so those cannot grow the per-step buffers;
 - `push_grad(ids_U, grad_UD)`: send row gradients to their owners, which accumulate them into a
   row-sparse gradient of their shard.
 
@@ -17,7 +19,8 @@ an N x D tensor, and no dense engine (DeepSpeed, FSDP) ever sees a gradient for 
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -88,6 +91,7 @@ class ValueTable(nn.Module):
         self.weight = nn.Parameter(torch.empty(row_end - row_start, dim, dtype=dtype, device=device),
                                    requires_grad=False)
         self.trainable = True  # whether lookups hook row gradients (False: frozen memory)
+        self.counting = False  # record accesses without grad too (set by `counting_accesses`)
         self._counts = RowSparse()  # this step's access counts of local rows
         self._grad = RowSparse()  # this step's row-sparse gradient of local rows
         self._grad_allowed: Optional[torch.Tensor] = None  # sorted global ids allowed to get grads
@@ -116,6 +120,11 @@ class ValueTable(nn.Module):
 
     def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def records_accesses(self) -> bool:
+        """Whether a lookup now counts as TF-IDF accesses: a forward that may train, or the df pass.
+        The same on every rank of a lookup (they run the same step), so owners agree with requesters."""
+        return self.counting or torch.is_grad_enabled()
 
     def owns(self, ids: torch.Tensor) -> torch.Tensor:
         return (ids >= self.row_start) & (ids < self.row_end)
@@ -185,8 +194,22 @@ class LocalValueTable(ValueTable):
 
     def fetch(self, ids_U: torch.Tensor, counts_U: torch.Tensor) -> torch.Tensor:
         self.check_ids(ids_U)
-        self._counts.add(ids_U, counts_U)
+        if self.records_accesses():
+            self._counts.add(ids_U, counts_U)
         return self.weight.detach()[ids_U]
 
     def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
         self._grad.add(ids_U, grad_UD)
+
+
+@contextmanager
+def counting_accesses(tables: Iterable[ValueTable]):
+    """Record lookups' accesses also without grad: the forward-only df pass (build_background_index)."""
+    tables = list(tables)
+    for t in tables:
+        t.counting = True
+    try:
+        yield
+    finally:
+        for t in tables:
+            t.counting = False

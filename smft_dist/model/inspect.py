@@ -1,8 +1,10 @@
 """`smft-inspect`: build a model on the meta device and print its shapes and parameter counts.
 
     smft-inspect --config configs/model/smft_1p3b.yaml --mp 8 --json
+    smft-inspect --config configs/paper/pretrain_1p3b.yaml --plan --mp 8     # bytes per GPU
 
-No memory is allocated, so the 1.3B paper model is checked on a laptop (or CI).
+No memory is allocated, so the 1.3B paper model is checked on a laptop (or CI). `--plan` adds the
+per-GPU memory of a run (smft_dist.model.memory_plan) at the config's settings, each overridable.
 """
 from __future__ import annotations
 
@@ -54,21 +56,44 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="YAML with a `model:` section (e.g. configs/model/smft_1p3b.yaml)")
     p.add_argument("--mp", type=int, default=1, help="memory-parallel ranks the table is sharded over")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
+    p.add_argument("--plan", action="store_true", help="add the per-GPU memory plan of the run")
+    p.add_argument("--world", type=int, default=None, help="GPUs (default: mp x dist.dp_replicate)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: the config's")
+    p.add_argument("--engine", choices=["none", "deepspeed", "fsdp2"], default=None, help="default: the config's")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None, help="default: the config's")
+    p.add_argument("--micro-batch", type=int, default=None, help="rows per GPU (default: data.batch_size)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
+    p.add_argument("--activation-checkpointing", choices=["true", "false"], default=None,
+                   help="default: model.activation_checkpointing")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     if args.mp < 1:
         p.error("--mp must be >= 1")
+    flags = {"precision": args.precision, "dist.engine": args.engine, "dist.zero_stage": args.zero_stage,
+             "data.batch_size": args.micro_batch, "data.seq_len": args.seq_len,
+             "model.activation_checkpointing": args.activation_checkpointing}
+    overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = inspect_model(cfg.model, args.mp)
+    if args.plan:
+        from smft_dist.model.memory_plan import memory_plan
+
+        info["plan"] = memory_plan(cfg, args.world or args.mp * cfg.dist.dp_replicate, args.mp)
     if args.json:
         print(json.dumps(info))
-    else:
-        for k, v in info.items():
-            print(f"{k:>22}: {v:,}" if isinstance(v, int) else f"{k:>22}: {v}")
+        return 0
+    plan = info.pop("plan", None)
+    for k, v in info.items():
+        print(f"{k:>22}: {v:,}" if isinstance(v, int) else f"{k:>22}: {v}")
+    if plan:
+        print("\nper-GPU memory plan (" + ", ".join(f"{k} {v}" for k, v in plan["settings"].items()) + ")")
+        for k, v in plan["parts"].items():
+            print(f"{k:>22}: {v / 1e9:8.2f} GB")
+        print(f"{'total':>22}: {plan['total_gb']:8.2f} GB")
     return 0
 
 

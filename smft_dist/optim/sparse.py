@@ -4,8 +4,15 @@ Shape legend: U rows updated this step (of this shard), D value dim.
 
 Each reads the table's row-sparse gradient (`table.sparse_grad()`: local ids + rows), updates only
 those rows of the local shard in place, and keeps state only for rows it has updated
-(`RowState`). Cost per step O(U x D), independent of the table size. Storage may be bf16: the
-update is computed in fp32 and cast back.
+(`RowState`). Cost per step O(U x D), independent of the table size.
+
+bf16 storage: the update is computed in fp32 on an fp32 master copy of each row the optimizer has
+updated (state "master", made from the bf16 row the first time), and the table gets its rounding.
+Rounding the updated row straight into bf16 would drop every per-element change below half a
+bf16 ulp: at the paper's lr 2 and values ~N(0, 1/32) that is any update under about 6e-5, i.e.
+most of a fact's gradient. A master copy is deterministic (unlike stochastic rounding, which
+would be right only in expectation and would make runs depend on a rounding RNG) and costs
+4 x D bytes per row ever updated: O(rows touched), like the other row state.
 
 - `MaskedSGD`: sparse memory finetuning. V[rows] -= lr * G[rows] for the selected rows only.
 - `MaskedAdamW`: the paper's ablation, same selection, lazy AdamW on the selected rows.
@@ -43,15 +50,32 @@ class RowSparseOptimizer:
         if not lr > 0:
             raise ValueError(f"memory learning rate {lr} must be > 0 (optim.memory_lr)")
         self.tables, self.lr = list(tables), float(lr)
-        self.states = [RowState(t, self.state_specs(t)) for t in self.tables]
+        self.states = [RowState(t, self._all_specs(t)) for t in self.tables]
 
     def state_specs(self, table: ValueTable) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {}
 
-    def update_rows(self, table: ValueTable, state: RowState, rows_U: torch.Tensor,
+    def _all_specs(self, table: ValueTable) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        master = {"master": ((table.dim,), torch.float32)} if table.weight.dtype != torch.float32 else {}
+        return {**self.state_specs(table), **master}
+
+    def update_rows(self, table: ValueTable, state: RowState, rows_U: torch.Tensor, w_UD: torch.Tensor,
                     grad_UD: torch.Tensor) -> torch.Tensor:
-        """-> the new fp32 value of rows_U (given their gradient)."""
+        """-> the new fp32 value of rows_U, given their current fp32 value w_UD and gradient."""
         raise NotImplementedError
+
+    @staticmethod
+    def _current(table: ValueTable, state: RowState, rows_U: torch.Tensor) -> torch.Tensor:
+        """-> the fp32 value of rows_U: the master copy when the table is stored in lower precision
+        (made from the stored row on a row's first update), else the row itself."""
+        if "master" not in state.specs:
+            return table.weight[rows_U].float()
+        before = len(state)
+        slots = state.slots(rows_U)
+        new = slots >= before
+        master = state["master"]
+        master[slots[new]] = table.weight[rows_U[new]].float()
+        return master[slots]
 
     @torch.no_grad()
     def step(self, selected_ids_per_table: Selected = None) -> int:
@@ -67,8 +91,10 @@ class RowSparseOptimizer:
         for table, state, selected in zip(self.tables, self.states, selected_ids_per_table):
             rows_U, grad_UD = selected_grad(table, selected)
             if rows_U.numel():
-                w = table.weight
-                w[rows_U] = self.update_rows(table, state, rows_U, grad_UD).to(w.dtype)
+                new_UD = self.update_rows(table, state, rows_U, self._current(table, state, rows_U), grad_UD)
+                if "master" in state.specs:
+                    state["master"][state.slots(rows_U)] = new_UD
+                table.weight[rows_U] = new_UD.to(table.weight.dtype)
                 n += rows_U.numel()
         return n
 
@@ -80,7 +106,13 @@ class RowSparseOptimizer:
         if len(sd["tables"]) != len(self.states):
             raise ValueError(f"optimizer state has {len(sd['tables'])} memory tables, the model {len(self.states)}")
         self.lr = float(sd["lr"])
-        for state, table_sd in zip(self.states, sd["tables"]):
+        for table, state, table_sd in zip(self.tables, self.states, sd["tables"]):
+            if "master" in state.specs and "master" not in table_sd:  # saved from an fp32 table: start from the rows
+                local = table_sd["ids"].long() - table.row_start
+                mine = (local >= 0) & (local < table.row_end - table.row_start)
+                master = torch.zeros(local.numel(), table.dim)
+                master[mine] = table.weight[local[mine].to(table.weight.device)].float().cpu()
+                table_sd = {**table_sd, "master": master}
             state.load_state_dict(table_sd)
 
 
@@ -99,13 +131,13 @@ class MaskedSGD(RowSparseOptimizer):
     def state_specs(self, table):
         return {"momentum_buffer": ((table.dim,), torch.float32)} if self.momentum else {}
 
-    def update_rows(self, table, state, rows_U, grad_UD):
+    def update_rows(self, table, state, rows_U, w_UD, grad_UD):
         if self.momentum:
             slots = state.slots(rows_U)
             buf = state["momentum_buffer"]
             grad_UD = buf[slots].mul_(self.momentum).add_(grad_UD)
             buf[slots] = grad_UD
-        return table.weight[rows_U].float() - self.lr * grad_UD
+        return w_UD - self.lr * grad_UD
 
 
 class RowSparseAdamW(RowSparseOptimizer):
@@ -123,7 +155,7 @@ class RowSparseAdamW(RowSparseOptimizer):
         return {"exp_avg": ((table.dim,), torch.float32), "exp_avg_sq": ((table.dim,), torch.float32),
                 "step": ((), torch.int64)}
 
-    def update_rows(self, table, state, rows_U, grad_UD):
+    def update_rows(self, table, state, rows_U, w_UD, grad_UD):
         slots = state.slots(rows_U)
         step_U = state["step"][slots] + 1
         state["step"][slots] = step_U
@@ -132,7 +164,7 @@ class RowSparseAdamW(RowSparseOptimizer):
         state["exp_avg"][slots], state["exp_avg_sq"][slots] = m_UD, v_UD
         bc1_U1 = (1 - self.beta1 ** step_U.double())[:, None]
         bc2_sqrt_U1 = (1 - self.beta2 ** step_U.double()).sqrt()[:, None]
-        w_UD = table.weight[rows_U].float() * (1 - self.lr * self.weight_decay)
+        w_UD = w_UD * (1 - self.lr * self.weight_decay)
         denom_UD = (v_UD.sqrt() / bc2_sqrt_U1).float() + self.eps
         return w_UD - (self.lr / bc1_U1).float() * m_UD / denom_UD
 

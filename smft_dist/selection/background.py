@@ -18,7 +18,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from smft_dist.memory.values import ValueTable
+from smft_dist.memory.values import ValueTable, counting_accesses
 from smft_dist.selection.counts import sync_replica_counts, table_group
 
 
@@ -118,16 +118,17 @@ def build_background_index(model, batches: Iterable, num_batches: int, tables: O
     model.eval()
     it = iter(batches)
     try:
-        for b in range(num_batches):
-            batch = next(it, None)
-            if batch is None:
-                raise ValueError(f"the background data ran out after {b} batches, "
-                                 f"selection.background_batches={num_batches}: lower it or use more data")
-            for t in tables:
-                t.zero_step()
-            _forward(model, batch)
-            for index, t in zip(indexes, tables):
-                index.add_batch(t)
+        with counting_accesses(tables):  # a no-grad pass whose accesses are the point
+            for b in range(num_batches):
+                batch = next(it, None)
+                if batch is None:
+                    raise ValueError(f"the background data ran out after {b} batches, "
+                                     f"selection.background_batches={num_batches}: lower it or use more data")
+                for t in tables:
+                    t.zero_step()
+                _forward(model, batch)
+                for index, t in zip(indexes, tables):
+                    index.add_batch(t)
     finally:
         for t in tables:
             t.zero_step()

@@ -3,8 +3,9 @@
 Every engine exposes the same small interface to the train loop:
 
     out = engine(**batch)          # forward (the memory tables are reached through the model)
-    engine.backward(loss)
-    engine.step()                  # clip, optimizer step, lr schedule, zero grads
+    engine.backward(loss, sync)    # once per micro-batch; sync=True on the last of the step
+    engine.step()                  # once per optimizer step: clip, step, lr schedule, zero grads
+    engine.zero_grad()             # drop accumulated gradients (a skipped step)
     engine.save(dir) / engine.load(dir, with_optimizer)   # optimizer state (collective)
     engine.dense_state_dict()      # full dense weights on every rank (for checkpoints/export)
 
@@ -25,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from smft_dist.config import ConfigError
+
 
 def _memory_value_keys(model: nn.Module) -> set[str]:
     return {k for k in model.state_dict() if k.endswith(".values.weight")}  # replace and add (mlp.memory.) modes
@@ -42,8 +45,14 @@ class PlainEngine:
     def __call__(self, **batch):
         return self.module(**batch)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        """Accumulate this micro-batch's gradients (`loss` already weighted for accumulation).
+        `sync`: the last micro-batch of the step (engines that reduce in backward reduce then)."""
         loss.backward()
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
         if self.optimizer is None:
@@ -79,41 +88,74 @@ class PlainEngine:
                 self.scheduler.load_state_dict(state["scheduler"])
 
 
-class DeepSpeedEngine(PlainEngine):
-    """`deepspeed.initialize` over the model; our config section becomes the DeepSpeed dict and a
-    user DeepSpeed JSON (dist.deepspeed_config) is merged over it."""
+def deepspeed_config(zero_stage: int, micro_batch: int, world_size: int, grad_accum: int, grad_clip: float,
+                     precision: str, user_config: Optional[str] = None) -> dict:
+    """The DeepSpeed config dict from our settings, with a user DeepSpeed JSON merged over it.
 
-    def __init__(self, model, optimizer, scheduler, grad_clip, world_size, zero_stage: int,
-                 micro_batch: int, user_config: Optional[str] = None):
+    The keys our run decides (batch sizes, accumulation, precision) may appear in the user JSON only
+    with the same values: a conflict is refused (ConfigError naming our key) instead of letting the
+    two sides silently disagree about how many micro-batches make a step or what dtype trains."""
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * world_size * grad_accum,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": precision == "bf16"},
+    }
+    if not user_config:
+        return ds
+    user = json.loads(Path(user_config).read_text())
+    ours = {"train_micro_batch_size_per_gpu": "data.batch_size", "train_batch_size":
+            "data.batch_size x world x optim.grad_accum", "gradient_accumulation_steps": "optim.grad_accum"}
+    for key, our_key in ours.items():
+        if key in user and user[key] != ds[key]:
+            raise ConfigError(f"dist.deepspeed_config={user_config} sets {key}={user[key]}, the run has {ds[key]} "
+                              f"({our_key}): remove it from the JSON and set {our_key} instead")
+    if (user.get("fp16") or {}).get("enabled"):
+        raise ConfigError(f"dist.deepspeed_config={user_config} enables fp16: not supported (the memory rows' "
+                          "gradients bypass its loss scaling); remove the fp16 section and set precision=bf16")
+    if "bf16" in user and bool(user["bf16"].get("enabled")) != ds["bf16"]["enabled"]:
+        raise ConfigError(f"dist.deepspeed_config={user_config} sets bf16.enabled={user['bf16'].get('enabled')} but "
+                          f"precision={precision}: remove the bf16 section and set precision instead")
+    ds.update(user)
+    return ds
+
+
+class DeepSpeedEngine(PlainEngine):
+    """`deepspeed.initialize` over the model with the dict of `deepspeed_config`.
+
+    Accumulation: DeepSpeed's own micro-step counter decides when it reduces and steps; we set the
+    boundary explicitly from `sync` and pass already weighted losses (scale_wrt_gas=False), so
+    `backward` x K + `step` is one optimizer step, as for the other engines."""
+
+    def __init__(self, model, optimizer, scheduler, world_size, ds_config: dict):
         import deepspeed
 
-        ds_config = {
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "train_batch_size": micro_batch * world_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": grad_clip,
-            "zero_optimization": {"stage": zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-        if user_config:
-            ds_config.update(json.loads(Path(user_config).read_text()))
         engine, ds_opt, _, ds_sched = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             model_parameters=[p for g in optimizer.param_groups for p in g["params"]], dist_init_required=False,
         )
-        super().__init__(model, ds_opt, ds_sched, grad_clip, world_size)
+        super().__init__(model, ds_opt, ds_sched, ds_config["gradient_clipping"], world_size)
         self.engine = engine
 
     def __call__(self, **batch):
         return self.engine(**batch)
 
-    def backward(self, loss):
-        self.engine.backward(loss)
+    def backward(self, loss, sync: bool = True):
+        self.engine.set_gradient_accumulation_boundary(sync)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not sync:
+            self.engine.step()  # advances DeepSpeed's micro-step count; no optimizer step off the boundary
 
     def step(self):
-        self.engine.step()  # clip, reduce(-scatter), step, zero grads, scheduler
+        self.engine.step()  # at the boundary: clip, reduce(-scatter), step, zero grads, scheduler
+
+    def zero_grad(self):
+        self.engine.zero_grad()
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="dense", save_latest=False)
@@ -125,19 +167,29 @@ class DeepSpeedEngine(PlainEngine):
 
 
 class FSDP2Engine(PlainEngine):
-    """`fully_shard` on each decoder layer and the root over a 1-D mesh of the whole world."""
+    """`fully_shard` on each decoder layer and the root over a 1-D mesh of the whole world.
+    precision bf16: a `MixedPrecisionPolicy` computes in bf16 parameters (gathered per layer from
+    the fp32 shards, which the optimizer updates) and reduce-scatters gradients in fp32."""
 
-    def __init__(self, model, make_optimizer: Callable, grad_clip, world_size, device_type: str):
+    def __init__(self, model, make_optimizer: Callable, grad_clip, world_size, device_type: str,
+                 precision: str = "fp32"):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device_type, (world_size,))
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if precision == "bf16" else MixedPrecisionPolicy()
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy)
         optimizer, scheduler = make_optimizer(model)  # over the sharded (DTensor) parameters
         # FSDP2 reduce-scatters gradients itself: no all_reduce here (world_size=1 below).
         super().__init__(model, optimizer, scheduler, grad_clip, world_size=1)
+
+    def backward(self, loss, sync: bool = True):
+        # Off the last micro-batch, keep accumulating unsharded gradients: one reduce-scatter a step.
+        self.module.set_requires_gradient_sync(sync)
+        loss.backward()
 
     def dense_state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

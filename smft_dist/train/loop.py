@@ -32,11 +32,14 @@ USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, FileNotFoundError, 
 
 
 def build_loader(cfg: RunConfig, ctx, path: str):
-    from smft_dist.data.loader import build_dataloader
+    from smft_dist.data.loader import build_dataloader, check_one_group_per_batch
 
-    return build_dataloader(path, cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
-                            rank=ctx.rank, world_size=ctx.world_size, local_cache=cfg.data.local_cache,
-                            num_workers=cfg.data.num_workers)
+    loader = build_dataloader(path, cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
+                              rank=ctx.rank, world_size=ctx.world_size, local_cache=cfg.data.local_cache,
+                              num_workers=cfg.data.num_workers)
+    if cfg.mode == "finetune" and not cfg.data.shuffle and cfg.data.one_group_per_batch:
+        check_one_group_per_batch(loader.dataset, cfg.data.batch_size, ctx.world_size, cfg.optim.grad_accum)
+    return loader
 
 
 def train(cfg: RunConfig) -> int:
@@ -96,7 +99,7 @@ def train(cfg: RunConfig) -> int:
         batches = forever(loader)
         while step < cfg.steps:
             t0 = time.perf_counter()
-            metrics = trainer.train_step(next(batches))
+            metrics = trainer.train_step([next(batches) for _ in range(cfg.optim.grad_accum)])
             metrics["tokens_per_s"] = round(metrics.get("tokens", 0) / (time.perf_counter() - t0), 1)
             step += 1
             metrics["lr"] = trainer.current_lr()

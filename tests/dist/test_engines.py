@@ -1,5 +1,5 @@
-"""ZeRO-1, ZeRO-2 and FSDP2 give the dense update of one process on the global batch; a
-sparse-memory finetune under DeepSpeed leaves every dense weight bitwise unchanged."""
+"""ZeRO-1, ZeRO-2 and FSDP2 give the dense update of one process on the global batch (also
+accumulating micro-batches); a sparse-memory finetune under DeepSpeed leaves every dense weight bitwise unchanged."""
 import pytest
 import torch
 
@@ -25,7 +25,7 @@ def slice_batch(b, rank, world):
     return {k: v[rank * n:(rank + 1) * n] for k, v in b.items()}
 
 
-def weights_after(rank, world, overrides, steps=2):
+def weights_after(rank, world, overrides, steps=2, micro_batches=1):
     cfg = load_config(ROOT / "configs/tiny/pretrain.yaml", SMALL + overrides)
     ctx = context_from_group(cfg.dist) if world > 1 else None
     if ctx is None:
@@ -33,14 +33,15 @@ def weights_after(rank, world, overrides, steps=2):
         ctx = init_distributed(cfg.dist)
     tr = build_run(cfg, ctx)
     for s in range(steps):
-        tr.train_step(slice_batch(global_batch(s), rank, world))
+        mine = slice_batch(global_batch(s), rank, world)
+        tr.train_step([slice_batch(mine, k, micro_batches) for k in range(micro_batches)])
     dense = tr.engine.dense_state_dict()
     memory = [gather_full_table(t) if world > 1 else t.weight.detach().clone() for t in tr.tables]
     return {k: v.clone() for k, v in dense.items()}, memory
 
 
-def _body(rank, world, overrides):
-    return weights_after(rank, world, overrides)
+def _body(rank, world, overrides, micro_batches=1):
+    return weights_after(rank, world, overrides, micro_batches=micro_batches)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,22 @@ def reference():
     ["dist.engine=none"],
 ], ids=["zero1", "zero2", "fsdp2", "plain"])
 def test_dense_update_matches_single_process(reference, overrides):
+    assert_matches(reference, run_ranks(_body, 2, overrides)[0])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["dist.engine=deepspeed", "dist.zero_stage=2"],
+    ["dist.engine=fsdp2"],
+], ids=["zero2", "fsdp2"])
+def test_accumulating_two_micro_batches_per_rank_matches_single_process(reference, overrides):
+    # DeepSpeed steps at the boundary we set, FSDP2 reduce-scatters on the last micro-batch only.
+    accum = ["data.batch_size=1", "optim.grad_accum=2"]
+    assert_matches(reference, run_ranks(_body, 2, overrides + accum, 2)[0])
+
+
+def assert_matches(reference, got):
     ref_dense, ref_mem = reference
-    dense, mem = run_ranks(_body, 2, overrides)[0]
+    dense, mem = got
     assert dense.keys() == ref_dense.keys()
     for k in ref_dense:
         torch.testing.assert_close(dense[k], ref_dense[k], atol=2e-5, rtol=1e-4, msg=k)
