@@ -94,7 +94,7 @@ def lookup_bandwidth(trainer, batch: dict, iters: int = 5) -> dict:
     table = layer.values
     captured = {}
     hook = layer.keys.register_forward_hook(lambda m, i, out: captured.update(slots=out[0], scores=out[1]))
-    with torch.no_grad(), trainer._autocast():
+    with torch.no_grad(), trainer.autocast():
         trainer.model(input_ids=batch["input_ids"].to(device))
     hook.remove()
     idx_TK = captured["slots"].flatten(1)
@@ -157,7 +157,7 @@ def build_df(trainer, args, out_dir: Path) -> str:
     g = torch.Generator().manual_seed(2)
     vocab = trainer.model.config.vocab_size
     batches = [synthetic_batch(g, args.batch, args.seq_len, vocab) for _ in range(args.df_batches)]
-    with trainer._autocast():
+    with trainer.autocast():
         indexes = build_background_index(trainer.model, batches, len(batches), trainer.tables, corpus="synthetic")
     for name, index in zip(layer_names(trainer.model), indexes):
         index.save(out_dir / f"{name}.safetensors")

@@ -83,8 +83,9 @@ def train(cfg: RunConfig) -> int:
                                  mp_rank=ctx.mp_rank)
 
     if cfg.mode == "background_index":
-        trainer.df_indexes = build_background_index(trainer.model, loader, cfg.selection.background_batches,
-                                                    trainer.tables, corpus=str(data_path))
+        with trainer.autocast():  # the slots the finetuning forward (same precision) will pick
+            trainer.df_indexes = build_background_index(trainer.model, loader, cfg.selection.background_batches,
+                                                        trainer.tables, corpus=str(data_path))
         path = save(0)
         if ctx.is_main:
             print(f"background df index over {cfg.selection.background_batches} batches saved in {path}", flush=True)

@@ -132,7 +132,7 @@ class Trainer:
             dist.all_reduce(t)
         return t.tolist()
 
-    def _autocast(self):
+    def autocast(self):
         """bf16 autocast of the forward on the run's device (a no-op context for fp32)."""
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
@@ -158,7 +158,7 @@ class Trainer:
         metrics, selected, loss_sum, tokens = {}, None, 0.0, 0
         for k, (batch, n_label) in enumerate(zip(micro, n_labels)):
             last = k == len(micro) - 1
-            with self._autocast():
+            with self.autocast():
                 out = self.engine(**batch)
             loss = out.loss
             finite = bool(torch.isfinite(loss)) if n_label else True
