@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from smft_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key (and file) and how to fix it."""
 
 
@@ -62,7 +64,6 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: Optional[str] = None  # MDS folder (local path or remote URI)
-    eval: Optional[str] = None
     background: Optional[str] = None  # MDS folder for the df index (default: train)
     local_cache: Optional[str] = None  # where remote shards are cached
     seq_len: int = 64
@@ -128,6 +129,29 @@ class CheckpointConfig:
     every: int = 0  # 0: only at the end
     resume: str = "auto"  # auto | none | <path>
     keep: int = 2
+    fallback: bool = False  # resume=auto: when the latest step is damaged, resume from the newest intact one
+
+
+@dataclass
+class LedgerConfig:
+    """The knowledge-patch ledger of sparse memory finetuning (smft_dist.patch): every step's
+    selected rows, before and after, per rank under `dir` (default <out_dir>/ledger)."""
+
+    enabled: bool = True
+    dir: Optional[str] = None
+    fsync: bool = True  # each record durable before the next step (a killed process is safe either way)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation inside the run (smft_dist.train.evaluation): before the first step, every
+    `every` steps and at the end; 0 turns it off."""
+    every: int = 0
+    qa: List[str] = field(default_factory=list)  # QA JSONL files (any layout load_qa_jsonl reads)
+    nll: Optional[str] = None  # MDS folder for held-out NLL
+    nll_batches: Optional[int] = None  # at most this many batches per rank (None: the whole folder)
+    batch_size: int = 32
+    max_new_tokens: int = 16
 
 
 @dataclass
@@ -154,6 +178,8 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -333,8 +359,11 @@ def check_paths(cfg: RunConfig) -> None:
     if not data:
         raise ConfigError(f"mode={cfg.mode} needs data: set {key} (an MDS folder, written by `smft-data`)")
     checks = [(key, data, "index.json", "an MDS folder written by `smft-data` (synthetic or convert)")]
-    for k in ("model.init_from", "selection.df_path", "dist.deepspeed_config"):
+    for k in ("model.init_from", "selection.df_path", "dist.deepspeed_config", "model.tokenizer"):
         checks.append((k, _get(cfg, k), None, "fix the path or unset the key"))
+    checks += [(f"eval.qa[{i}]", f, None, "fix the path or drop it from eval.qa") for i, f in enumerate(cfg.eval.qa)]
+    if cfg.eval.nll:
+        checks.append(("eval.nll", cfg.eval.nll, "index.json", "an MDS folder (held-out data)"))
     if cfg.checkpoint.resume not in ("auto", "none"):
         checks.append(("checkpoint.resume", cfg.checkpoint.resume, None, "use auto, none or an existing checkpoint"))
     for k, path, must_hold, fix in checks:

@@ -34,11 +34,12 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.data.streaming_compat import import_streaming
+from smft_dist.errors import UserError
 
 LOCK_PATH = Path(tempfile.gettempdir()) / "smft_streaming_shm.lock"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data path or settings: the message names the problem and the fix."""
 
 
@@ -193,25 +194,6 @@ def _fingerprinted_loader_class():
             super().load_state_dict(obj)
 
     return FingerprintedLoader
-
-
-def check_one_group_per_batch(dataset, batch_size: int, world_size: int, grad_accum: int) -> None:
-    """Refuse an unshuffled grouped set (one fact's paraphrases per group) whose global batch
-    (batch_size x world x grad_accum samples) is not exactly its first group: each step would then
-    learn part of a fact, or two. Datasets without a `group` column pass. Reads at most 4 x G
-    samples."""
-    global_batch = batch_size * world_size * grad_accum
-    if dataset.num_samples == 0 or "group" not in dataset[0]:
-        return
-    first, size, cap = int(dataset[0]["group"]), 1, min(4 * global_batch, dataset.num_samples)
-    while size < cap and int(dataset[size]["group"]) == first:
-        size += 1
-    if size != global_batch:
-        held = f"more than {size - 1}" if size == cap and cap < dataset.num_samples else str(size)
-        raise DataError(
-            f"the finetune set's first group holds {held} samples (one fact's paraphrases) but a global batch is "
-            f"data.batch_size {batch_size} x world {world_size} x optim.grad_accum {grad_accum} = {global_batch}: "
-            f"make the product {size} so that every step is one fact, or set data.one_group_per_batch=false")
 
 
 def check_one_group_per_batch(dataset, batch_size: int, world_size: int, grad_accum: int) -> None:

@@ -69,11 +69,11 @@ class RowState:
         missing = set(self.specs) - set(sd)
         if missing:
             raise KeyError(f"optimizer row state lacks {sorted(missing)}: was it saved by another optimizer?")
-        ids = sd["ids"].to(self.device, torch.long) - self.row_start
-        mine = (ids >= 0) & (ids < self.num_local)
+        ids = sd["ids"].long() - self.row_start
+        mine = (ids >= 0) & (ids < self.num_local)  # on the state's own device (the host, from a file)
         self._slot_R, self.size = None, 0
         self._rows_S = self._rows_S[:0]
         self._bufs = {k: v[:0] for k, v in self._bufs.items()}
-        slots = self.slots(ids[mine])
+        slots = self.slots(ids[mine].to(self.device))
         for k in self._bufs:
-            self._bufs[k][slots] = sd[k].to(self.device, self._bufs[k].dtype)[mine]
+            self._bufs[k][slots] = sd[k][mine].to(self.device, self._bufs[k].dtype)

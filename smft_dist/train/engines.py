@@ -19,6 +19,7 @@ weight frozen there is nothing for ZeRO or FSDP to reduce, shard or step.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -69,6 +70,18 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+
+    def load_dense_state_dict(self, state: dict) -> None:
+        """Full dense weights (as `dense_state_dict` returns them) into the wrapped model."""
+        self.module.load_state_dict(state, strict=False)
+
+    def fast_forward_schedule(self, step: int) -> None:
+        """Put the LR schedule at `step` (a resume whose schedule state could not be loaded)."""
+        if self.scheduler is not None:
+            self.scheduler.last_epoch = step - 1
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
 
     def dense_state_dict(self) -> dict:
         skip = _memory_value_keys(self.module)
@@ -157,6 +170,11 @@ class DeepSpeedEngine(PlainEngine):
     def zero_grad(self):
         self.engine.zero_grad()
 
+    def load_dense_state_dict(self, state: dict) -> None:
+        super().load_dense_state_dict(state)
+        if hasattr(self.engine.optimizer, "refresh_fp32_params"):  # ZeRO keeps fp32 master copies
+            self.engine.optimizer.refresh_fp32_params()
+
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path / "deepspeed"), tag="dense", save_latest=False)
 
@@ -190,6 +208,11 @@ class FSDP2Engine(PlainEngine):
         # Off the last micro-batch, keep accumulating unsharded gradients: one reduce-scatter a step.
         self.module.set_requires_gradient_sync(sync)
         loss.backward()
+
+    def load_dense_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def dense_state_dict(self) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -6,29 +6,26 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from smft_dist.config import ConfigError, RunConfig, check_paths, data_source, save_config, validate
-from smft_dist.data.loader import DataError, forever
+from smft_dist.config import RunConfig, check_paths, data_source, save_config, validate
+from smft_dist.data.loader import forever
 from smft_dist.distributed import init_distributed
 from smft_dist.distributed.replicas import check_replicas
+from smft_dist.errors import console_script
+from smft_dist.patch.ledger import open_run_ledger
 from smft_dist.selection import build_background_index
 from smft_dist.train import checkpoint as ckpt
+from smft_dist.train.evaluation import Evaluator
 from smft_dist.train.metrics import MetricLogger, peak_memory_mb
 from smft_dist.train.preempt import PREEMPTED_EXIT_CODE, PreemptionFlag
-from smft_dist.train.trainer import NonFiniteLossError, build_run
+from smft_dist.train.trainer import build_run
 
 log = logging.getLogger("smft_dist")
-
-
-# What a user can fix from the command line: `main` prints these as one line, not a traceback.
-USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, FileNotFoundError, NonFiniteLossError)
 
 
 def build_loader(cfg: RunConfig, ctx, path: str):
@@ -48,45 +45,21 @@ def train(cfg: RunConfig) -> int:
     ctx = init_distributed(cfg.dist)
     validate(cfg, ctx.world_size)
     out_dir = Path(cfg.out_dir)
-    root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
-    resume_dir = None
-    if cfg.checkpoint.resume == "auto":
-        resume_dir = ckpt.latest_checkpoint(root)
-    elif cfg.checkpoint.resume != "none":
-        resume_dir = ckpt.resolve_checkpoint(cfg.checkpoint.resume)
-    trainer = build_run(cfg, ctx, resume_dir)
+    checkpointer = ckpt.Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or out_dir / "checkpoints", ctx, cfg.model)
+    trainer = build_run(cfg, ctx)
     data_path = data_source(cfg)[1]
     loader = build_loader(cfg, ctx, data_path)
+    step = checkpointer.load(trainer, loader)
     if ctx.is_main:  # only once the run is known to start: a bad run must not overwrite a good run's config
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-    checkpointer = ckpt.Checkpointer(root, cfg.checkpoint.every, cfg.checkpoint.keep)
-    step = 0
-    if resume_dir is not None:
-        meta = ckpt.read_meta(resume_dir)
-        same = meta.get("world_size") == ctx.world_size and meta.get("mp") == ctx.mp_size
-        ckpt.Checkpointer.load_rank_state(resume_dir, trainer.engine, trainer.memory_optimizer, loader,
-                                          ctx.mp_rank, same)
-        step = int(meta["step"])
-        if ctx.is_main:
-            print(f"resumed from {resume_dir} at step {step}", flush=True)
-            if not same:
-                log.warning("the checkpoint was written at world %s / mp %s, this run is world %d / mp %d: weights "
-                            "and memory (and its optimizer state) are resharded; the dense optimizer state, data position "
-                            "and RNG start afresh",
-                            meta.get("world_size"), meta.get("mp"), ctx.world_size, ctx.mp_size)
-
-    def save(at: int):
-        return checkpointer.save(at, model=trainer.model, tables=trainer.tables, engine=trainer.engine,
-                                 memory_optimizer=trainer.memory_optimizer, df_indexes=trainer.df_indexes,
-                                 loader=loader, meta=trainer.checkpoint_meta(), replicate_rank=ctx.replicate_rank,
-                                 mp_rank=ctx.mp_rank)
+    trainer.ledger = open_run_ledger(cfg, ctx, ckpt.layer_names(trainer.model), step)  # cut at the resumed step
 
     if cfg.mode == "background_index":
         with trainer.autocast():  # the slots the finetuning forward (same precision) will pick
             trainer.df_indexes = build_background_index(trainer.model, loader, cfg.selection.background_batches,
                                                         trainer.tables, corpus=str(data_path))
-        path = save(0)
+        path = checkpointer.save(0, force=True)
         if ctx.is_main:
             print(f"background df index over {cfg.selection.background_batches} batches saved in {path}", flush=True)
         return 0
@@ -94,9 +67,12 @@ def train(cfg: RunConfig) -> int:
     with ExitStack() as stack:
         preempt = stack.enter_context(PreemptionFlag())
         logger = MetricLogger(out_dir, cfg.steps, step, ctx.is_main, cfg.logging.every, cfg.logging.tensorboard,
-                              cfg.logging.progress, desc=f"{cfg.mode}/{cfg.method}",
+                              cfg.logging.progress, desc=f"{cfg.name} {cfg.mode}/{cfg.method}",
                               progress_every_s=cfg.logging.progress_every_s)
         stack.callback(logger.close)
+        evaluator = Evaluator(cfg, trainer.model)
+        if step == 0 and (before := evaluator(0)):
+            logger.write(0, before)
         batches = forever(loader)
         while step < cfg.steps:
             t0 = time.perf_counter()
@@ -105,26 +81,27 @@ def train(cfg: RunConfig) -> int:
             step += 1
             metrics["lr"] = trainer.current_lr()
             metrics["peak_mem_mb"] = round(peak_memory_mb(ctx.device), 1)
+            metrics.update(evaluator(step))
             logger.log(step, metrics)
-            if checkpointer.due(step) and step < cfg.steps:
-                save(step)
+            checkpointer.save(step)
             if preempt.requested(ctx.device, ctx.world_size):
-                path = save(step)
+                path = checkpointer.save(step, force=True)
                 if ctx.is_main:
                     print(f"preempted by signal {preempt.signum}: saved {path} at step {step}, exiting "
                           f"{PREEMPTED_EXIT_CODE}", flush=True)
                 return PREEMPTED_EXIT_CODE
-    save(step)
+    path = checkpointer.save(step, force=True)
     if ctx.dp_replicate > 1:  # only replica 0 was saved: the others must not have drifted from it
         digests = check_replicas(trainer.tables, ctx)
         if ctx.is_main:
             print(f"memory replicas bitwise identical: {ctx.dp_replicate} copies of each of {ctx.mp_size} shards "
                   f"(rank 0 sha256 {digests})", flush=True)
     if ctx.is_main:
-        print(f"done: {step} steps, checkpoint in {root / (root / ckpt.LATEST).read_text().strip()}", flush=True)
+        print(f"done: {step} steps, checkpoint in {path}", flush=True)
     return 0
 
 
+@console_script
 def main(argv=None) -> int:
     import argparse
 
@@ -140,9 +117,6 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return train(load_config(args.config, args.overrides))
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -66,7 +66,12 @@ class MetricLogger:
                 self._bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if self._lines:
             self._progress_line(step, metrics)
-        if step % self.every:
+        if step % self.every == 0 or any(k.startswith("eval/") for k in metrics):
+            self.write(step, metrics)
+
+    def write(self, step: int, metrics: dict) -> None:
+        """The JSONL record (and TensorBoard scalars) of `step`, without progress (e.g. step 0's eval)."""
+        if not self.enabled:
             return
         record = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
         self._file.write(json.dumps(record) + "\n")

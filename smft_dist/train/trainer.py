@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -24,9 +24,11 @@ import torch.distributed as dist
 
 from smft_dist.config import ConfigError, RunConfig
 from smft_dist.distributed import DistContext, shard_memory
+from smft_dist.errors import UserError
 from smft_dist.memory.values import LocalValueTable
 from smft_dist.model import SmftConfig, SmftForCausalLM
 from smft_dist.optim import RowSparseAdamW, build_memory_optimizer, freeze_dense
+from smft_dist.patch.ledger import recording as ledger_recording
 from smft_dist.selection import BackgroundIndex, select_for_model
 from smft_dist.train import checkpoint as ckpt
 from smft_dist.train.engines import DeepSpeedEngine, FSDP2Engine, PlainEngine, deepspeed_config
@@ -34,7 +36,7 @@ from smft_dist.train.engines import DeepSpeedEngine, FSDP2Engine, PlainEngine, d
 log = logging.getLogger("smft_dist")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
@@ -110,6 +112,7 @@ class Trainer:
     df_indexes: Optional[list] = None
     nonfinite_in_a_row: int = 0
     wrapped: object = None  # the PEFT model in LoRA mode (what the engine runs)
+    ledger: object = None  # smft_dist.patch.ledger.Ledger: sparse updates recorded (set by the loop)
 
     @property
     def sparse(self) -> bool:
@@ -146,6 +149,8 @@ class Trainer:
         Row gradients of micro-batches 1..K-1 travel unrestricted (their selection is not known yet)
         and are filtered by the optimizer; with K = 1 only the selected rows' gradients travel.
         """
+        if self.ledger is not None:  # knowledge-patch ledger: the batch's identity (before `group` is dropped)
+            self.ledger.begin_step(micro_batches)
         micro = [self._to_device(b) for b in (micro_batches if isinstance(micro_batches, list) else [micro_batches])]
         for t in self.tables:
             t.zero_step()
@@ -181,7 +186,8 @@ class Trainer:
             if self.ctx.dp_replicate > 1:
                 t.sync_replicas()
         self.engine.step()
-        updated = self.memory_optimizer.step(selected) if self.memory_optimizer is not None else 0
+        with ledger_recording(self.ledger, self.tables, selected):  # the selected rows before/after, per rank
+            updated = self.memory_optimizer.step(selected) if self.memory_optimizer is not None else 0
         loss_sum, tokens, updated = self._all_sum([loss_sum, tokens, updated])
         metrics.update(loss=loss_sum / global_labels, tokens=int(tokens))
         if self.memory_optimizer is not None:
@@ -250,16 +256,15 @@ def build_fresh_model(cfg: RunConfig, ctx: DistContext) -> tuple[SmftForCausalLM
     return model, tables
 
 
-def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = None) -> Trainer:
-    """Compose model, sharding, method, engine and df index. Weights come from `resume_dir` (a
-    checkpoint of this run) if given, else from model.init_from, else a seeded fresh init."""
+def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
+    """Compose model, sharding, method, engine and df index. Weights come from model.init_from (a
+    checkpoint or an HF folder), else a seeded fresh init; resuming a run is the checkpointer's."""
     hf_dir, init_ckpt = _init_source(cfg)
-    for step_dir in (resume_dir, init_ckpt):  # before anything is built or loaded
-        if step_dir is not None:
-            _check_model_matches(cfg, ckpt.read_meta(step_dir).get("model", {}), step_dir)
+    if init_ckpt is not None:  # before anything is built or loaded
+        ckpt.check_model_matches(cfg.model, ckpt.read_meta(init_ckpt).get("model", {}), init_ckpt)
     if hf_dir is not None:
         model = SmftForCausalLM.from_pretrained(hf_dir)  # on the host
-        _check_model_matches(cfg, model.config.to_dict(), hf_dir)
+        ckpt.check_model_matches(cfg.model, model.config.to_dict(), hf_dir)
         # Shard on the host: each rank's device receives its own rows only, never the whole table
         # (shard_memory creates the shards on ctx.device, outside the model's registered modules).
         tables = shard_memory(model, ctx) if ctx.world_size > 1 else [layer.values for layer in model.memory_layers()]
@@ -268,7 +273,7 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
         model, tables = build_fresh_model(cfg, ctx)
 
     names = ckpt.layer_names(model)
-    if init_ckpt is not None and resume_dir is None:  # before LoRA renames the wrapped linears
+    if init_ckpt is not None:  # before LoRA renames the wrapped linears
         ckpt.load_dense(model, init_ckpt)
         ckpt.load_memory(tables, names, init_ckpt)
     wrapped = None
@@ -278,9 +283,6 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
         lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.targets), bias="none")
         wrapped = get_peft_model(model, lcfg)
-    if resume_dir is not None:
-        ckpt.load_dense(wrapped if wrapped is not None else model, resume_dir)
-        ckpt.load_memory(tables, names, resume_dir)
 
     # Which weights train, and with which optimizer.
     memory_optimizer = None
@@ -324,8 +326,7 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
     df_indexes = None
     if cfg.mode == "finetune" and cfg.method == "sparse_memory" and cfg.selection.mode == "tfidf":
         df_dir = Path(cfg.selection.df_path) if cfg.selection.df_path else None
-        for source in (df_dir, resume_dir and resume_dir / "df", init_ckpt and init_ckpt / "df",
-                       hf_dir and hf_dir / "background_df"):
+        for source in (df_dir, init_ckpt and init_ckpt / "df", hf_dir and hf_dir / "background_df"):
             df_indexes = load_df_indexes(source, model, tables) if source else None
             if df_indexes:
                 break
@@ -335,12 +336,6 @@ def build_run(cfg: RunConfig, ctx: DistContext, resume_dir: Optional[Path] = Non
                 "background_index first and set model.init_from to its checkpoints (or selection.df_path to a folder "
                 "of <layer>.safetensors files), or use selection.mode=tf")
     return Trainer(cfg, ctx, model, tables, engine, memory_optimizer, df_indexes, wrapped=wrapped)
-
-
-# model.* keys that change the shape of some weight (memory_knn, for one, does not).
-SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "tie_word_embeddings", "memory_layers", "memory_n_keys",
-              "memory_heads", "memory_k_dim", "memory_value_dim", "memory_swilu", "memory_mode")
 
 
 def enable_activation_checkpointing(model: SmftForCausalLM) -> None:
@@ -354,27 +349,3 @@ def enable_activation_checkpointing(model: SmftForCausalLM) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for i in model.config.memory_layers:
         model.model.layers[i].gradient_checkpointing = False
-
-
-def _shape_value(section: dict, key: str):
-    """`section[key]` with the Llama defaults spelled out (None kv heads: one per head; None
-    head_dim: hidden_size // heads), so a config and a saved HF config compare equal."""
-    if key == "num_key_value_heads":
-        return section.get(key) or section.get("num_attention_heads")
-    if key == "head_dim":
-        return section.get(key) or section["hidden_size"] // section["num_attention_heads"]
-    return section[key]
-
-
-def _check_model_matches(cfg: RunConfig, have: dict, where) -> None:
-    """`have`: the model config saved with the weights at `where` (HF config or checkpoint meta)."""
-    want_section = asdict(cfg.model)
-    for key in SHAPE_KEYS:
-        if key not in have:  # a checkpoint written before the key existed
-            continue
-        want, got = _shape_value(want_section, key), _shape_value(have, key)
-        if want != got:
-            raise ConfigError(f"model.{key}={want} but {where} holds a model with {key}={got}: the config "
-                              f"and the weights are of different models (fix model.{key}, model.init_from or "
-                              f"checkpoint.resume; a folder written by smft-retrofit holds its model section in "
-                              f"model.yaml: pass --config <folder>/model.yaml first)")

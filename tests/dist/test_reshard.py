@@ -3,7 +3,7 @@ the logits are identical."""
 import pytest
 import torch
 
-from smft_dist.config import load_config
+from smft_dist.config import CheckpointConfig, load_config
 from smft_dist.distributed import context_from_group
 from smft_dist.train import checkpoint as ckpt
 from smft_dist.train.export import load_checkpoint_model
@@ -26,9 +26,9 @@ def _at_mp2(rank, world, init_from, save_root):
     assert ctx.mp_size == 2 and tr.tables[0].row_end - tr.tables[0].row_start == 16384 // 2
     with torch.no_grad():
         logits = tr.model(batch()).logits  # every rank runs the same batch through its shard
-    ckpt.Checkpointer(save_root).save(7, model=tr.model, tables=tr.tables, engine=tr.engine,
-                                      memory_optimizer=tr.memory_optimizer, df_indexes=tr.df_indexes, loader=None,
-                                      meta=tr.checkpoint_meta(), mp_rank=ctx.mp_rank)
+    checkpointer = ckpt.Checkpointer(CheckpointConfig(resume="none"), save_root, ctx)
+    checkpointer.load(tr, None)
+    checkpointer.save(7, force=True)
     return logits
 
 

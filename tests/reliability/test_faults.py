@@ -110,16 +110,16 @@ def test_failed_save_keeps_previous_checkpoint_latest_and_loadable(tmp_path, mon
     from smft_dist.train import checkpoint as ckpt
     from smft_dist.train.trainer import build_run
 
+    from smft_dist.config import CheckpointConfig
+
     single_process_env(monkeypatch)
     cfg = small_config(f"out_dir={tmp_path}")
-    trainer = build_run(cfg, init_distributed(cfg.dist))
+    ctx = init_distributed(cfg.dist)
+    trainer = build_run(cfg, ctx)
     root = tmp_path / "checkpoints"
-    checkpointer = ckpt.Checkpointer(root, every=1, keep=5)
-
-    def save(step):
-        return checkpointer.save(step, model=trainer.model, tables=trainer.tables, engine=trainer.engine,
-                                 memory_optimizer=trainer.memory_optimizer, df_indexes=None, loader=None,
-                                 meta=trainer.checkpoint_meta())
+    checkpointer = ckpt.Checkpointer(CheckpointConfig(every=1, keep=5, resume="none"), root, ctx)
+    checkpointer.load(trainer, None)
+    save = checkpointer.save
 
     trainer.train_step(random_batch(cfg, seed=1))
     save(1)
@@ -137,7 +137,8 @@ def test_failed_save_keeps_previous_checkpoint_latest_and_loadable(tmp_path, mon
     assert not (root / "step_2").exists() and (root / "step_2.tmp" / "dense.safetensors").exists()
     assert ckpt.resolve_checkpoint(root) == root / "step_1" and tree_digest(root / "step_1") == saved
 
-    fresh = build_run(small_config(f"out_dir={tmp_path}"), init_distributed(cfg.dist), resume_dir=root / "step_1")
+    fresh = build_run(small_config(f"out_dir={tmp_path}"), ctx)
+    assert ckpt.Checkpointer(CheckpointConfig(resume="auto"), root, ctx).load(fresh, None) == 1
     for k, v in fresh.model.state_dict().items():
         assert torch.equal(v, weights_1[k]), k
 
