@@ -1,5 +1,4 @@
 """check_replicas: identical memory replicas pass, one flipped bit on one replica fails every rank."""
-import pytest
 import torch
 
 from smft_dist.config import DistConfig
