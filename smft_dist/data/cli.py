@@ -48,8 +48,9 @@ def normalise(where: str, row: dict) -> dict:
                     f"or 'prompt'+'completion'")
 
 
-def _info(args, enc: Encoder, layout: str, stats: WriteStats, **extra) -> dict:
-    return {"layout": layout, "tokenizer": str(Path(args.tokenizer).resolve()), "seq_len": args.seq_len,
+def _info(tokenizer: str | Path, enc: Encoder, layout: str, stats: WriteStats, **extra) -> dict:
+    """What `smft_data.json` records (the run checks data.seq_len against it)."""
+    return {"layout": layout, "tokenizer": str(Path(tokenizer).resolve()), "seq_len": enc.seq_len,
             "vocab_size": enc.vocab_size, **special_token_ids(enc.tokenizer), **vars(stats), **extra}
 
 
@@ -102,7 +103,7 @@ def convert(args) -> dict:
             merge_parts(tmp, args.remote)
         stats = WriteStats(**{key: sum(p[key] for p in parts) for key in parts[0]})
         seconds = time.perf_counter() - t0
-        result = _info(args, enc, "packed" if args.packed else "examples", stats, workers=args.workers,
+        result = _info(args.tokenizer, enc, "packed" if args.packed else "examples", stats, workers=args.workers,
                        seconds=round(seconds, 3), tokens_per_s=round(stats.tokens / seconds, 1))
         write_info(tmp, **result)
     _report_dropped(stats, "examples")
@@ -154,7 +155,7 @@ def facts(args) -> dict:
             f.writelines(json.dumps(dict(qa[g], group=g)) + "\n" for g in kept)
         with open(tmp / "statements.jsonl", "w") as f:
             f.writelines(json.dumps({"id": qa[g]["id"], "group": g, "paraphrases": texts[g]}) + "\n" for g in kept)
-        info = _info(args, enc, "facts", stats, groups=len(kept), paraphrases=args.paraphrases)
+        info = _info(args.tokenizer, enc, "facts", stats, groups=len(kept), paraphrases=args.paraphrases)
         write_info(tmp / "train", **info)
     return info
 
@@ -185,7 +186,7 @@ def docs(args) -> dict:
         kept = _kept(groups)
         with open(tmp / "chunks.jsonl", "w") as f:
             f.writelines(json.dumps(dict(chunks[g], group=g, augmentations=texts[g])) + "\n" for g in kept)
-        info = _info(args, enc, "docs", stats, groups=len(kept), augmentations=args.augmentations,
+        info = _info(args.tokenizer, enc, "docs", stats, groups=len(kept), augmentations=args.augmentations,
                      chunk_tokens=args.chunk_tokens)
         write_info(tmp / "train", **info)
     return info
@@ -205,11 +206,14 @@ def write_synthetic(out: str | Path, world: SyntheticWorld, seq_len: int, overwr
             stats = WriteStats()
             documents = ((f"{name} document {i}", t) for i, t in enumerate(texts))
             write_mds(tmp / name, packed_samples(enc, documents, stats))
+            write_info(tmp / name, **_info(Path(out) / "tokenizer", enc, "packed", stats))
             meta[name] = dict(vars(stats), documents=len(texts))
         groups = ([{"where": f"new fact {i} paraphrase {j}", "text": s, "group": i} for j, s in enumerate(para)]
                   for i, para in enumerate(world.new_fact_statements()))
         stats = WriteStats()
         write_mds(tmp / "new_facts", example_samples(enc, groups, stats), grouped=True)
+        write_info(tmp / "new_facts", **_info(Path(out) / "tokenizer", enc, "facts", stats,
+                                              groups=world.n_new, paraphrases=world.paraphrases))
         meta["new_facts"] = vars(stats)
         (tmp / "eval").mkdir()
         for name, qa in (("known_qa", world.known_qa()), ("new_qa", world.new_qa())):
