@@ -65,3 +65,16 @@ def tiny_pretrained(tiny_data, tmp_path_factory):
              f"model.init_from={root}/pretrain/checkpoints", "selection.background_batches=10",
              *data_overrides(tiny_data)])
     return root / "bg" / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def patch_base_model(tiny_data, tiny_pretrained, tmp_path_factory):
+    """tiny_pretrained trained 40 steps more, with its df index: after 20 steps the memory keys
+    route every fact to nearly the same rows, after 60 each fact has rows of its own."""
+    root = tmp_path_factory.mktemp("patch_base")
+    run_cli([PY, "launchers/train.py", "--config", "configs/tiny/pretrain.yaml", f"out_dir={root}/pretrain",
+             f"model.init_from={tiny_pretrained}", "steps=40", "checkpoint.every=0", *data_overrides(tiny_data)])
+    run_cli([PY, "launchers/train.py", "--config", "configs/tiny/background_index.yaml", f"out_dir={root}/bg",
+             f"model.init_from={root}/pretrain/checkpoints", "selection.background_batches=10",
+             *data_overrides(tiny_data)])
+    return root / "bg" / "checkpoints"

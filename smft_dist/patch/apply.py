@@ -1,0 +1,305 @@
+"""Apply and revert knowledge patches on a model folder, a checkpoint or a loaded model.
+
+Shape legend: U rows of one memory table a step wrote, D value dim.
+
+Targets (`open_target`): an exported Hugging Face folder (`smft-export`), a checkpoint (a
+`checkpoints/` folder or one `step_<N>/`, row-sharded `memory/<layer>.rows_<a>_<b>.safetensors`
+at any mp size) or a live `SmftForCausalLM` whose tables may be row-sharded (`LiveTarget`: each
+rank changes the rows it owns, no collective, so a serving process patches itself in place).
+File targets are read and written in place, row by row, through the safetensors data offsets:
+O(rows touched), never the whole table.
+
+apply: every row the patch touches must hold the patch's *before* value at the first step that
+touches it (else `PatchMismatch` names the rows; `force` applies those rows' deltas additively).
+The steps are then replayed: a row equal to the step's before takes its after (bitwise), any
+other row gets `+= after - before` (a patch exported for chosen groups skips steps in between).
+
+revert: chosen steps are undone, latest first. A row no later kept step of the patch
+touched returns exactly to its before value; a row that a later kept step also wrote gets the
+additive inverse of the reverted step's delta (with plain SGD the memory is the base plus the sum
+of the deltas, docs/design.md §1.3) and is reported as an overlap.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from smft_dist.patch.patch import Patch, PatchError, model_identity
+from smft_dist.train import checkpoint as ckpt
+
+
+class PatchMismatch(PatchError):
+    """The target's rows are not what the patch expects."""
+
+
+class _StoredRows:
+    """Rows [row_start, row_start + rows) of a 2-D tensor in a safetensors file, memory-mapped:
+    reading or writing U rows touches O(U x D) bytes."""
+
+    _NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
+    _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+    def __init__(self, path: Path, key: str, row_start: int = 0, writable: bool = False):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            info = json.loads(f.read(n))[key]
+        rows, self.dim = info["shape"]
+        self.dtype = self._TORCH[info["dtype"]]
+        self.row_start, self.row_end = row_start, row_start + rows
+        self._rows_RD = np.memmap(path, dtype=self._NP[info["dtype"]], mode="r+" if writable else "r",
+                                  offset=8 + n + info["data_offsets"][0], shape=(rows, self.dim))
+
+    def read(self, ids_U: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._rows_RD[(ids_U - self.row_start).numpy()])).view(self.dtype)
+
+    def write(self, ids_U: torch.Tensor, rows_UD: torch.Tensor) -> None:
+        self._rows_RD[(ids_U - self.row_start).numpy()] = rows_UD.to(self.dtype).contiguous().view(
+            torch.uint16 if self.dtype == torch.bfloat16 else self.dtype).numpy()
+
+    def flush(self) -> None:
+        if self._rows_RD.mode == "r+":
+            self._rows_RD.flush()
+
+
+@dataclass
+class Target:
+    """A model's memory tables as row segments: {layer name: [segments, in row order]}."""
+
+    where: str
+    model: dict  # the model config (HF config.json or checkpoint meta)
+    segments: dict[str, list] = field(default_factory=dict)
+
+    def _parts(self, layer: str, ids_U: torch.Tensor):
+        if layer not in self.segments:
+            raise PatchError(f"{self.where} has no memory layer {layer} (it has {list(self.segments)})")
+        for seg in self.segments[layer]:
+            mask = (ids_U >= seg.row_start) & (ids_U < seg.row_end)
+            if mask.any():
+                yield seg, mask
+
+    def owned(self, layer: str, ids_U: torch.Tensor) -> torch.Tensor:
+        """Which of ids_U this target holds (all of them, but for a sharded live model)."""
+        mask = torch.zeros_like(ids_U, dtype=torch.bool)
+        for _, m in self._parts(layer, ids_U):
+            mask |= m
+        return mask
+
+    def read(self, layer: str, ids_U: torch.Tensor) -> torch.Tensor:
+        """-> rows_UD for held ids (ask `owned` first)."""
+        out = None
+        for seg, m in self._parts(layer, ids_U):
+            rows = seg.read(ids_U[m])
+            out = rows.new_empty(ids_U.numel(), rows.shape[1]) if out is None else out
+            out[m] = rows
+        return out if out is not None else torch.empty(0, 0)
+
+    def write(self, layer: str, ids_U: torch.Tensor, rows_UD: torch.Tensor) -> None:
+        for seg, m in self._parts(layer, ids_U):
+            seg.write(ids_U[m], rows_UD[m])
+
+    def flush(self) -> None:
+        for segs in self.segments.values():
+            for seg in segs:
+                seg.flush()
+
+
+class _TableRows:
+    """A live `ValueTable`'s rows (a shard under torch.distributed)."""
+
+    def __init__(self, table):
+        self.table, self.row_start, self.row_end = table, table.row_start, table.row_end
+
+    def read(self, ids_U):
+        return self.table.weight.detach()[(ids_U - self.row_start).to(self.table.weight.device)].cpu()
+
+    @torch.no_grad()
+    def write(self, ids_U, rows_UD):
+        w = self.table.weight
+        w[(ids_U - self.row_start).to(w.device)] = rows_UD.to(w.device, w.dtype)
+
+    def flush(self):
+        pass
+
+
+def live_target(model) -> Target:
+    """A loaded `SmftForCausalLM` (one process, or this rank's shards): patch it without a restart."""
+    names = [f"layer{i}" for i in model.config.memory_layers]
+    return Target("the loaded model", model.config.to_dict(),
+                  {n: [_TableRows(layer.values)] for n, layer in zip(names, model.memory_layers())})
+
+
+def open_target(path: str | Path, writable: bool = False) -> Target:
+    """An exported HF folder or a checkpoint (root or step folder, any mp size)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "meta.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        index = path / "model.safetensors.index.json"
+        files = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+        segments = {}
+        for i in config.get("memory_layers", []):
+            pattern = re.compile(rf"(.*\.)?layers\.{i}\.mlp\.(.*\.)?values\.weight")
+            if files is None:
+                with open(path / "model.safetensors", "rb") as f:
+                    keys = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+                files_i = {k: "model.safetensors" for k in keys}
+            else:
+                files_i = files
+            key = next((k for k in files_i if pattern.fullmatch(k)), None)
+            if key is None:
+                raise PatchError(f"{path}: no memory values of layer {i} in the weights")
+            segments[f"layer{i}"] = [_StoredRows(path / files_i[key], key, 0, writable)]
+        return Target(str(path), config, segments)
+    try:
+        step_dir = ckpt.resolve_checkpoint(path)
+    except ckpt.CheckpointError as e:
+        raise PatchError(f"{path} is neither an exported Hugging Face folder (config.json) nor a checkpoint: {e}") \
+            from None
+    segments = {}
+    for f in sorted((step_dir / "memory").glob("*.rows_*_*.safetensors")):
+        m = re.fullmatch(r"(.+)\.rows_(\d+)_(\d+)\.safetensors", f.name)
+        segments.setdefault(m.group(1), []).append(_StoredRows(f, "rows", int(m.group(2)), writable))
+    return Target(str(step_dir), ckpt.read_meta(step_dir)["model"], segments)
+
+
+def check_model(patch: Patch, target: Target) -> None:
+    want, have = model_identity(patch.meta["model"]), model_identity(target.model)
+    # an HF config names the value dtype the same way; keys it lacks are not compared
+    bad = {k: (want[k], have[k]) for k in want if k in have and want[k] != have[k]}
+    if bad or set(patch.layers) - set(target.segments):
+        raise PatchMismatch(f"{target.where} is another model than the patch's: "
+                            + ", ".join(f"{k}={h} (patch: {w})" for k, (w, h) in bad.items())
+                            + (f" memory layers {sorted(target.segments)} (patch: {patch.layers})" if not bad else ""))
+
+
+def _differing(cur_UD: torch.Tensor, want_UD: torch.Tensor) -> torch.Tensor:
+    """Rows of cur that differ bitwise from want."""
+    return ~(cur_UD.view(torch.uint8) == want_UD.to(cur_UD.dtype).view(torch.uint8)).all(dim=1)
+
+
+def _mismatch_message(what: str, target: Target, bad: dict[str, torch.Tensor], fix: str) -> str:
+    parts = [f"{layer} rows {ids[:12].tolist()}{' ...' if ids.numel() > 12 else ''} ({ids.numel()} rows)"
+             for layer, ids in bad.items() if ids.numel()]
+    return f"{target.where}: {'; '.join(parts)} do not hold the patch's {what} values: {fix}"
+
+
+@dataclass
+class ApplyReport:
+    rows: dict[str, int]  # rows written per layer
+    forced: dict[str, list[int]]  # rows whose base differed (applied additively with force)
+
+    def lines(self) -> list[str]:
+        out = [f"applied: {layer}: {n} rows" for layer, n in self.rows.items()]
+        out += [f"forced: {layer}: rows {ids[:12]}{' ...' if len(ids) > 12 else ''} ({len(ids)}) differed from the "
+                f"patch's base; their deltas were added" for layer, ids in self.forced.items() if ids]
+        return out
+
+
+def apply_patch(patch: Patch, target: Target, force: bool = False) -> ApplyReport:
+    check_model(patch, target)
+    forced, bad = {}, {}
+    for layer in patch.layers:
+        ids_U, base_UD = patch.base_rows(layer)
+        mine = target.owned(layer, ids_U)
+        ids_U, base_UD = ids_U[mine], base_UD[mine]
+        diff = _differing(target.read(layer, ids_U), base_UD) if ids_U.numel() else ids_U.bool()
+        bad[layer] = ids_U[diff]
+    if any(b.numel() for b in bad.values()) and not force:
+        raise PatchMismatch(_mismatch_message("base", target, bad, "this is not the model the patch was made on "
+                                              "(pass --force to add the patch's deltas to these rows anyway)"))
+    rows = {}
+    for layer in patch.layers:
+        forced[layer] = bad[layer].tolist()
+        rows[layer] = 0
+        for s in patch.steps:
+            u = s.layers[layer]
+            mine = target.owned(layer, u.ids)
+            if not mine.any():
+                continue
+            ids_U, before_UD, after_UD = u.ids[mine], u.before[mine], u.after[mine]
+            cur_UD = target.read(layer, ids_U)
+            other = _differing(cur_UD, before_UD)
+            new_UD = after_UD.to(cur_UD.dtype).clone()
+            new_UD[other] = (cur_UD[other].float() + after_UD[other].float() - before_UD[other].float()).to(cur_UD.dtype)
+            target.write(layer, ids_U, new_UD)
+        rows[layer] = int(target.owned(layer, patch.touched(layer)).sum())
+    target.flush()
+    return ApplyReport(rows, forced)
+
+
+@dataclass
+class RevertReport:
+    restored: dict[str, int]  # rows returned exactly to their value before the reverted steps
+    overlaps: list[dict] = field(default_factory=list)  # {layer, row, step, later_steps, later_groups}
+
+    def lines(self) -> list[str]:
+        out = [f"restored exactly: {layer}: {n} rows" for layer, n in self.restored.items()]
+        by_step: dict[tuple[str, int], list[dict]] = {}
+        for o in self.overlaps:
+            by_step.setdefault((o["layer"], o["step"]), []).append(o)
+        for (layer, step), overlaps in sorted(by_step.items()):
+            later: dict[int, int] = {}
+            for o in overlaps:
+                for k in o["later_steps"]:
+                    later[k] = later.get(k, 0) + 1
+            rows = [o["row"] for o in overlaps]
+            groups = sorted({g for o in overlaps for g in o["later_groups"]})
+            out.append(f"overlap: {layer}: {len(rows)} rows of step {step} were also written later (step: rows "
+                       f"{dict(sorted(later.items()))}; groups {groups}): the step's delta was subtracted from them: "
+                       f"rows {rows[:12]}{' ...' if len(rows) > 12 else ''}")
+        return out
+
+
+def revert_steps(patch: Patch, target: Target, steps: Sequence[int], force: bool = False) -> RevertReport:
+    """Undo `steps` of `patch` on a target that holds the patch's result (see module docstring)."""
+    check_model(patch, target)
+    reverted = sorted(patch.select(steps=steps).steps, key=lambda s: -s.step)  # latest first
+    keep = [s for s in patch.steps if s.step not in set(steps)]
+    bad = {}
+    for layer in patch.layers:
+        ids_U, result_UD = patch.result_rows(layer)
+        mine = target.owned(layer, ids_U) & torch.isin(ids_U, patch.touched(layer, reverted))
+        ids_U, result_UD = ids_U[mine], result_UD[mine]
+        bad[layer] = ids_U[_differing(target.read(layer, ids_U), result_UD)] if ids_U.numel() else ids_U
+    if any(b.numel() for b in bad.values()) and not force:
+        raise PatchMismatch(_mismatch_message("result", target, bad, "the target does not hold this patch's "
+                                              "updates (apply it first, or pass --force to subtract the deltas anyway)"))
+    report = RevertReport({})
+    for s in reverted:
+        for layer in patch.layers:
+            u = s.layers[layer]
+            mine = target.owned(layer, u.ids)
+            ids_U, before_UD, after_UD = u.ids[mine], u.before[mine], u.after[mine]
+            if not ids_U.numel():
+                continue
+            later = [k for k in keep if k.step > s.step]
+            later_hits = [torch.isin(ids_U, k.layers[layer].ids) for k in later]
+            shared = torch.stack(later_hits).any(0) if later_hits else torch.zeros_like(ids_U, dtype=torch.bool)
+            cur_UD = target.read(layer, ids_U)
+            new_UD = before_UD.to(cur_UD.dtype).clone()
+            new_UD[shared] = (cur_UD[shared].float() - (after_UD[shared].float() - before_UD[shared].float())).to(cur_UD.dtype)
+            target.write(layer, ids_U, new_UD)
+            for j in shared.nonzero().flatten().tolist():
+                hits = [k for k, h in zip(later, later_hits) if h[j]]
+                report.overlaps.append({"layer": layer, "row": int(ids_U[j]), "step": s.step,
+                                        "later_steps": [k.step for k in hits],
+                                        "later_groups": sorted({g for k in hits for g in k.groups})})
+    for layer in patch.layers:  # rows of the reverted steps minus the overlaps
+        touched = patch.touched(layer, reverted)
+        overlap = {o["row"] for o in report.overlaps if o["layer"] == layer}
+        report.restored[layer] = int(target.owned(layer, touched).sum()) - len(overlap)
+    target.flush()
+    return report
+
+
+def steps_of(patch: Patch, steps: Optional[Sequence[int]] = None, groups: Optional[Sequence[int]] = None) -> list[int]:
+    """The step numbers named by `steps` and/or `groups` (as `Patch.select`)."""
+    if steps is None and groups is None:
+        raise PatchError("name what to revert: --steps (e.g. 3,5-7) or --groups (e.g. 4)")
+    return [s.step for s in patch.select(steps, groups).steps]
+
