@@ -260,10 +260,14 @@ def test_fixtures_to_two_rank_sparse_finetune_to_smft_eval(tok, tmp_path, capsys
                       "--chunk-tokens", "40", "--augmentations", "4", "--seq-len", "128"]) == 0
     run = [*TORCHRUN, "--config", "configs/tiny/finetune_sparse.yaml", f"out_dir={tmp_path}/run", "model.init_from=null",
            f"model.tokenizer={tok}", "selection.mode=tf", "data.seq_len=48", "data.batch_size=2",
-           "checkpoint.every=2", "logging.progress=false"]
-    run_cli([*run, f"data.train={tmp_path}/facts/train", "steps=4"])  # 4 facts, one per global batch of 2 x 2
+           "checkpoint.every=2", "logging.progress=false", "data.one_group_per_batch=true"]
+    # 4 facts, one per global batch of 2 x 2 (checked at start-up), evaluated in the run every 2 steps
+    run_cli([*run, f"data.train={tmp_path}/facts/train", "steps=4", "eval.every=2", "eval.max_new_tokens=3",
+             f"eval.qa=[{tmp_path}/facts/qa.jsonl]", f"eval.nll={tmp_path}/docs/train"])
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4] and all(0 < r["rows_updated"] <= 50 for r in lines)
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4] and all(0 < r["rows_updated"] <= 50 for r in lines[1:])
+    evals = {r["step"]: r for r in lines if "eval/qa_f1/qa" in r}
+    assert sorted(evals) == [0, 2, 4] and all(r["eval/nll/train"] > 0 for r in evals.values())
 
     r = run_cli([PY, "-m", "smft_dist.eval.cli", str(tmp_path / "run" / "checkpoints"),  # tokenizer: model.tokenizer
                  "--qa", str(FIX / "nq_open.jsonl"), "--nll", str(tmp_path / "docs" / "train"),
@@ -301,3 +305,18 @@ def test_data_seq_len_must_match_the_written_samples(tok, tmp_path):
     check_paths(load_config(base, [f"data.train={tmp_path}/f/train", "data.seq_len=40", "model.init_from=null"]))
     with pytest.raises(ConfigError, match=r"data.seq_len=32 but data.train=\S+ holds samples of 40 tokens"):
         check_paths(load_config(base, [f"data.train={tmp_path}/f/train", "data.seq_len=32", "model.init_from=null"]))
+
+
+def test_stream_chunk_of_smft_data_facts_reads_its_train_folder_and_qa(tok, tmp_path):
+    """A `smft-data facts` output as a stream chunk: its train/ folder is the data, its qa.jsonl is
+    evaluated, and `steps` is one pass (30 facts x 4 paraphrases over a global batch of 4)."""
+    from smft_dist.continual.stream import chunk_config
+
+    assert smft_data(["facts", str(FIX / "nq_open.jsonl"), "--tokenizer", tok, "--out", str(tmp_path / "part0"),
+                      "--paraphrases", "4", "--seq-len", "48"]) == 0
+    cfg = chunk_config([str(ROOT / "configs/tiny/finetune_sparse.yaml")], ["data.seq_len=48", "data.batch_size=2"],
+                       tmp_path / "part0", 0, tmp_path / "stream", "runs/base/checkpoints", ["nq.jsonl"], None,
+                       world_size=2)
+    assert cfg.data.train == str(tmp_path / "part0" / "train") and cfg.steps == 30 * 4 // 4
+    assert cfg.eval.qa == [str(tmp_path / "part0" / "qa.jsonl"), "nq.jsonl"] and cfg.eval.every == cfg.steps
+    assert cfg.model.init_from == "runs/base/checkpoints" and cfg.out_dir == str(tmp_path / "stream" / "chunk_0")

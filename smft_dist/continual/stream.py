@@ -6,8 +6,9 @@
     torchrun --nproc_per_node 8 launchers/stream.py ...
     ENTRY=launchers/stream.py CONFIG=... OVERRIDES="--out runs/stream --chunk ... --chunk ..." sbatch slurm/finetune.sh
 
-Each chunk is a folder written by `smft-data facts` or `smft-data docs` (MDS samples with a
-`group` column; `qa.jsonl` beside them, when present, is what the chunk teaches). For each chunk
+Each chunk is a folder written by `smft-data facts` or `smft-data docs` (`train/`: MDS samples
+with a `group` column; `qa.jsonl`, when present, is what the chunk teaches), or an MDS folder
+itself (with an optional `qa.jsonl` inside). For each chunk
 in order, one run of the training loop (`smft_dist.train.loop.train`):
 
 - learns it: one pass over its samples (`steps` derived from the sample count and the global
@@ -64,8 +65,9 @@ def read_stream_log(out: Path) -> list[dict]:
 def chunk_config(config: list[str], overrides: list[str], chunk: Path, index: int, out: Path,
                  init_from: str | None, eval_qa: list[str], eval_nll: str | None, world_size: int) -> RunConfig:
     """The run config of chunk `index`: the user's config and overrides, then the stream's keys."""
+    data = chunk / "train" if (chunk / "train" / "index.json").is_file() else chunk
     qa = ([str(chunk / "qa.jsonl")] if (chunk / "qa.jsonl").is_file() else []) + list(eval_qa)
-    keys = [f"data.train={chunk}", f"out_dir={out / f'chunk_{index}'}", "checkpoint.resume=auto",
+    keys = [f"data.train={data}", f"out_dir={out / f'chunk_{index}'}", "checkpoint.resume=auto",
             f"eval.qa=[{','.join(json.dumps(q) for q in qa)}]"]
     if init_from:
         keys.append(f"model.init_from={init_from}")
@@ -90,9 +92,9 @@ def run_stream(config: list[str], chunks: list[str], out: str | Path, overrides:
     out = Path(out)
     chunks = [Path(c) for c in chunks]
     for c in chunks:
-        if not (c / "index.json").is_file():
-            raise DataError(f"chunk {c} is not an MDS folder (no index.json): write it with `smft-data facts` or "
-                            f"`smft-data docs`")
+        if not ((c / "index.json").is_file() or (c / "train" / "index.json").is_file()):
+            raise DataError(f"chunk {c} is neither an MDS folder (index.json) nor an `smft-data facts`/`docs` output "
+                            f"(train/index.json): write it with `smft-data facts` or `smft-data docs`")
     first = load_config(config, list(overrides))
     ctx = init_distributed(first.dist)
     done = read_stream_log(out)

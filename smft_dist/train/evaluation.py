@@ -17,15 +17,16 @@ from smft_dist.eval.qa import evaluate_qa, load_qa_jsonl
 
 
 def _tokenizer_folder(cfg: RunConfig) -> Path:
-    """model.tokenizer, else the `tokenizer/` folder beside the training data (what smft-data writes)."""
-    if cfg.model.tokenizer:
-        return Path(cfg.model.tokenizer)
+    """model.tokenizer, else the tokenizer the training data was written with (its smft_data.json,
+    or the `tokenizer/` folder of `smft-data synthetic`)."""
     from smft_dist.config import data_source
+    from smft_dist.data.mds import read_info
 
     data = Path(data_source(cfg)[1])
-    for cand in (data / "tokenizer", data.parent / "tokenizer"):
-        if (cand / "tokenizer_config.json").is_file():
-            return cand
+    info = read_info(data) if data.is_dir() else None
+    for cand in (cfg.model.tokenizer, info and info.get("tokenizer"), data.parent / "tokenizer"):
+        if cand and (Path(cand) / "tokenizer_config.json").is_file():
+            return Path(cand)
     raise ConfigError("eval.qa needs a tokenizer: set model.tokenizer to a Hugging Face tokenizer folder")
 
 
