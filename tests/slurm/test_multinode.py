@@ -7,6 +7,8 @@ runs on one node with the same global batch (world size x per-rank batch): unshu
 gives every rank the same samples at any node count, so the weights must agree, the memory rows
 bit for bit.
 """
+import json
+import os
 import re
 import signal
 import subprocess
@@ -21,7 +23,7 @@ from tests.slurm.test_slurm import assert_completed, log_of, metric_steps, submi
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-STEPS = 12  # long enough to signal the job between steps 2 and 12
+STEPS = 60  # ~0.1 s each here: room to signal the job mid-run also on a faster machine
 
 
 def finetune(tiny_data, tiny_pretrained, out: Path, *extra: str) -> list[str]:
@@ -144,7 +146,7 @@ def test_killed_node_fails_the_job_everywhere_then_resubmit_resumes(slurm_2node,
     assert len(victims) == 1
     killed_at = time.monotonic()
     for pid in victims:
-        subprocess.run(["kill", "-KILL", str(pid)], check=True)
+        os.kill(pid, signal.SIGKILL)
     info = slurm_2node.wait(job, timeout=timeout_s + 60)
     elapsed = time.monotonic() - killed_at
     assert info["JobState"] == "FAILED", log_of(info)[-3000:]
@@ -157,3 +159,15 @@ def test_killed_node_fails_the_job_everywhere_then_resubmit_resumes(slurm_2node,
     assert_completed(again)
     assert f"at step {saved}" in log_of(again) and "resumed from" in log_of(again)
     assert metric_steps(tmp_path / "run")[-2:] == [saved + 1, saved + 2]
+
+
+def test_every_global_step_is_one_fact_on_two_nodes(slurm_2node, tiny_data, tmp_path):
+    """The tiny finetune set holds 8 facts x 64 paraphrases (column `group`), in fact order: on 2
+    nodes x 2 ranks at batch 16 each global step must be exactly the next fact (with one canonical
+    node per physical node it would hold half of fact s and half of fact s + 4)."""
+    info = slurm_2node.wait(submit(slurm_2node, tmp_path, [f"out_dir={tmp_path}/out", f"data.train={tiny_data}/new_facts",
+                                                           "data.batch_size=16", "data.one_group_per_batch=true", "steps=4"],
+                                   nodes=2, ranks_per_node=2, ENTRY="tests/slurm/global_batches.py"))
+    assert_completed(info)
+    assert_spans_two_nodes(log_of(info), 2)
+    assert json.loads((tmp_path / "out" / "global_batches.json").read_text()) == [[0], [1], [2], [3]]
