@@ -164,6 +164,19 @@ def test_sparse_accumulation_selects_over_every_micro_batch():
     assert torch.equal(changed, want)
 
 
+def test_df_index_counts_a_background_batch_of_k_micro_batches_once():
+    from smft_dist.selection import build_background_index
+
+    tr = trainer(*SPARSE)
+    whole = [batch(s, n=4) for s in range(3)]
+    micro = [rows(b, lo, lo + 2) for b in whole for lo in (0, 2)]
+    (want,) = build_background_index(tr.model, whole, 3)
+    (got,) = build_background_index(tr.model, micro, 3, micro_batches=2)
+    assert torch.equal(got.df, want.df) and got.num_batches == 3 and int(want.df.max()) > 1
+    (per_micro,) = build_background_index(tr.model, micro, 6)
+    assert int(per_micro.df.sum()) > int(want.df.sum())  # counted per micro-batch, a row seen in both halves twice
+
+
 # ----- train mode and counting -----
 def test_hf_folder_trains_in_train_mode_with_lora_dropout(tmp_path):
     tr = trainer()
@@ -203,5 +216,5 @@ def test_a_global_batch_that_is_not_one_group_is_refused(tmp_path):
     with pytest.raises(DataError, match="first group holds 8 samples .* data.batch_size 4 x world 1 x optim.grad_accum "
                                         "1 = 4: .* or set data.one_group_per_batch=false"):
         check_one_group_per_batch(loader.dataset, 4, 1, 1)
-    with pytest.raises(DataError, match="holds more than 7 samples"):  # 2 x 1 x 1: reads at most 4 x 2 samples
+    with pytest.raises(DataError, match="holds 8 samples .* = 2: "):
         check_one_group_per_batch(loader.dataset, 2, 1, 1)

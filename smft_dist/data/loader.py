@@ -199,16 +199,16 @@ def _fingerprinted_loader_class():
 def check_one_group_per_batch(dataset, batch_size: int, world_size: int, grad_accum: int) -> None:
     """Refuse an unshuffled grouped set (one fact's paraphrases per group) whose global batch
     (batch_size x world x grad_accum samples) is not exactly its first group: each step would then
-    learn part of a fact, or two. Datasets without a `group` column pass. Reads at most 4 x G
-    samples."""
+    learn part of a fact, or two. Datasets without a `group` column pass. Reads at most
+    max(4 x G, 1024) samples."""
     global_batch = batch_size * world_size * grad_accum
     if dataset.num_samples == 0 or "group" not in dataset[0]:
         return
-    first, size, cap = int(dataset[0]["group"]), 1, min(4 * global_batch, dataset.num_samples)
+    first, size, cap = int(dataset[0]["group"]), 1, min(max(4 * global_batch, 1024), dataset.num_samples)
     while size < cap and int(dataset[size]["group"]) == first:
         size += 1
     if size != global_batch:
-        held = f"more than {size - 1}" if size == cap and cap < dataset.num_samples else str(size)
+        held = f"at least {size}" if size == cap < dataset.num_samples else str(size)
         raise DataError(
             f"the finetune set's first group holds {held} samples (one fact's paraphrases) but a global batch is "
             f"data.batch_size {batch_size} x world {world_size} x optim.grad_accum {grad_accum} = {global_batch}: "

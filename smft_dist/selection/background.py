@@ -102,13 +102,14 @@ def _forward(model, batch) -> None:
 
 @torch.no_grad()
 def build_background_index(model, batches: Iterable, num_batches: int, tables: Optional[Sequence[ValueTable]] = None,
-                           corpus: str = "") -> list[BackgroundIndex]:
+                           corpus: str = "", micro_batches: int = 1) -> list[BackgroundIndex]:
     """Forward-only pass over `num_batches` background batches -> one `BackgroundIndex` per table.
 
     `batches` yields this rank's slice of each global batch (input_ids tensors or dicts with
     `input_ids` and optional `attention_mask`); padding makes no accesses. Under a sharded table
     every rank must run the same number of batches (the lookups are collective). `tables` defaults
-    to the value tables of `model.memory_layers()`.
+    to the value tables of `model.memory_layers()`. `micro_batches` (optim.grad_accum): that many
+    yielded batches make one background batch, as they make one finetuning step's batch.
     """
     if num_batches < 1:
         raise ValueError(f"selection.background_batches={num_batches} must be >= 1")
@@ -120,13 +121,14 @@ def build_background_index(model, batches: Iterable, num_batches: int, tables: O
     try:
         with counting_accesses(tables):  # a no-grad pass whose accesses are the point
             for b in range(num_batches):
-                batch = next(it, None)
-                if batch is None:
-                    raise ValueError(f"the background data ran out after {b} batches, "
-                                     f"selection.background_batches={num_batches}: lower it or use more data")
                 for t in tables:
                     t.zero_step()
-                _forward(model, batch)
+                for _ in range(micro_batches):
+                    batch = next(it, None)
+                    if batch is None:
+                        raise ValueError(f"the background data ran out after {b} batches, "
+                                         f"selection.background_batches={num_batches}: lower it or use more data")
+                    _forward(model, batch)
                 for index, t in zip(indexes, tables):
                     index.add_batch(t)
     finally:

@@ -58,7 +58,8 @@ def train(cfg: RunConfig) -> int:
     if cfg.mode == "background_index":
         with trainer.autocast():  # the slots the finetuning forward (same precision) will pick
             trainer.df_indexes = build_background_index(trainer.model, loader, cfg.selection.background_batches,
-                                                        trainer.tables, corpus=str(data_path))
+                                                        trainer.tables, corpus=str(data_path),
+                                                        micro_batches=cfg.optim.grad_accum)
         path = checkpointer.save(0, force=True)
         if ctx.is_main:
             print(f"background df index over {cfg.selection.background_batches} batches saved in {path}", flush=True)
