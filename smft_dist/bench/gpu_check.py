@@ -164,9 +164,9 @@ def build_df(trainer, args, out_dir: Path) -> str:
     return str(out_dir)
 
 
-def release(trainer) -> None:
-    device = trainer.ctx.device
-    del trainer
+def free_memory(device: torch.device) -> None:
+    """Return a dropped trainer's memory (call after the last reference is gone): the next phase's
+    1.3B model must not share the GPU with this one's."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -209,13 +209,16 @@ def check(args) -> dict:
         args.tmp = tmp
         out["phases"]["pretrain"], trainer = run_phase(args, "pretrain", None)
         df_path = build_df(trainer, args, Path(tmp) / "df")
-        release(trainer)
+        del trainer
+        free_memory(device)
         out["phases"]["full_finetune"], trainer = run_phase(args, "full_finetune", None)
-        release(trainer)
+        del trainer
+        free_memory(device)
         out["phases"]["sparse_finetune"], trainer = run_phase(args, "sparse_finetune", df_path)
         lookup = lookup_bandwidth(trainer, synthetic_batch(torch.Generator().manual_seed(3), args.batch, args.seq_len,
                                                            trainer.model.config.vocab_size))
-        release(trainer)
+        del trainer
+        free_memory(device)
     lookup["copy_bytes_per_s"] = copy_bps
     lookup["fraction_of_copy_bandwidth"] = lookup["bytes_per_s"] / copy_bps
     out["lookup"] = lookup
