@@ -185,11 +185,9 @@ def _summarise(per_rank_rows: list[list[dict]]) -> tuple[dict, dict]:
     return {k: statistics.median(v) for k, v in worst.items()}, worst
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_args(p: argparse.ArgumentParser, value_dim: int) -> None:
+    """The world, the step loop and the model of the benchmark step (`_dense_model`, `_add_variant`)."""
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--slots", default="1048576,4194304,16777216", help="comma-separated square numbers")
-    p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--background", type=int, default=4, help="background batches for the df index")
@@ -200,9 +198,16 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--knn", type=int, default=32)
     p.add_argument("--k-dim", dest="k_dim", type=int, default=128)
-    p.add_argument("--value-dim", dest="value_dim", type=int, default=32)
+    p.add_argument("--value-dim", dest="value_dim", type=int, default=value_dim)
     p.add_argument("--top-t", dest="top_t", type=int, default=500)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slots", default="1048576,4194304,16777216", help="comma-separated square numbers")
+    p.add_argument("--json", default=None, help="write the results here")
+    add_step_args(p, value_dim=32)
     p.add_argument("--ref-slots", dest="ref_slots", type=int, default=None,
                    help="reference layer run alternately with each size (default: the smallest --slots)")
     args = p.parse_args(argv)

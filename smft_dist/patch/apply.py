@@ -182,6 +182,11 @@ def _differing(cur_UD: torch.Tensor, want_UD: torch.Tensor) -> torch.Tensor:
     return ~(cur_UD.view(torch.uint8) == want_UD.to(cur_UD.dtype).view(torch.uint8)).all(dim=1)
 
 
+def _rows_of(rows: tuple[torch.Tensor, torch.Tensor], ids_U: torch.Tensor) -> torch.Tensor:
+    """The values of `ids_U` (a subset) out of (sorted ids, values)."""
+    return rows[1][torch.searchsorted(rows[0], ids_U)]
+
+
 def _mismatch_message(what: str, target: Target, bad: dict[str, torch.Tensor], fix: str) -> str:
     parts = [f"{layer} rows {ids[:12].tolist()}{' ...' if ids.numel() > 12 else ''} ({ids.numel()} rows)"
              for layer, ids in bad.items() if ids.numel()]
@@ -210,8 +215,12 @@ def apply_patch(patch: Patch, target: Target, force: bool = False) -> ApplyRepor
         diff = _differing(target.read(layer, ids_U), base_UD) if ids_U.numel() else ids_U.bool()
         bad[layer] = ids_U[diff]
     if any(b.numel() for b in bad.values()) and not force:
-        raise PatchMismatch(_mismatch_message("base", target, bad, "this is not the model the patch was made on "
-                                              "(pass --force to add the patch's deltas to these rows anyway)"))
+        applied = all(not _differing(target.read(layer, ids), _rows_of(patch.result_rows(layer), ids)).any()
+                      for layer, ids in bad.items() if ids.numel())
+        why = ("the target already holds the patch's result (it is the finetuned model, or the patch was applied)"
+               if applied else "this is not the model the patch was made on")
+        raise PatchMismatch(_mismatch_message("base", target, bad, f"{why} (pass --force to add the patch's deltas "
+                                              "to these rows anyway)"))
     rows = {}
     for layer in patch.layers:
         forced[layer] = bad[layer].tolist()
