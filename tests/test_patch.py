@@ -111,6 +111,15 @@ def test_wrong_base_is_refused_naming_the_rows(learned, patch_base_model, tmp_pa
     others = torch.arange(got.shape[0]) != row
     assert torch.equal(got[others], want[others])  # every other row exactly; the forced row: base + 1 + delta
     torch.testing.assert_close(got[row], want[row] + 1.0)
+    # reverting every step: refused on that row too, unless forced; then every other row is its base exactly
+    every = [s.step for s in patch.steps]
+    with pytest.raises(PatchMismatch, match=rf"layer2 rows \[{row}\] \(1 rows\) do not hold the patch's result"):
+        revert_steps(patch, open_target(step_dir, writable=True), every)
+    report = revert_steps(patch, open_target(step_dir, writable=True), every, force=True)
+    assert report.forced == {"layer2": [row]} and report.overlaps == []
+    base = memory(latest_dir(patch_base_model))
+    assert torch.equal(memory(step_dir)[others], base[others])
+    torch.testing.assert_close(memory(step_dir)[row], base[row] + 1.0)
 
 
 def answer_nll(model, tok, qa_pairs) -> list[float]:
@@ -247,6 +256,22 @@ def test_a_step_is_complete_only_when_every_rank_recorded_it(tmp_path):
     Ledger.open(tmp_path, rank=1, world_size=2, names=["m"], meta=meta, step=1).close()
     assert list(complete_steps(tmp_path)) == [1]
     assert (tmp_path / "rank1of2.index").stat().st_size == struct.calcsize("<qQQI")
+
+
+def test_show_lists_rows_per_group_shared_rows_and_plots(learned, tmp_path):
+    run, _ = learned
+    r = run_cli([PY, "-m", "smft_dist.patch.cli", "show", str(run), "--df", str(latest_dir(run / "checkpoints")),
+                 "--png", str(tmp_path / "rows.png"), "--json", str(tmp_path / "audit.json"), "--top", "3"])
+    report = json.loads((tmp_path / "audit.json").read_text())
+    patch = export_patch(run)
+    rows = {g: set(patch.touched("layer2", [s for s in patch.steps if g in s.groups]).tolist()) for g in range(N_FACTS)}
+    shared = {tuple(o["groups"]): o["rows"] for o in report["shared"]}
+    assert shared == {(a, b): sorted(rows[a] & rows[b]) for a in range(N_FACTS) for b in range(a + 1, N_FACTS)
+                      if rows[a] & rows[b]}
+    top = report["most_written"][0]
+    assert top["steps"] == max(sum(top_row in rows[g] for g in rows) for top_row in set().union(*rows.values()))
+    assert report["df_batches"] == 10 and top["df"] is not None and "most-written rows" in r.stdout
+    assert (tmp_path / "rows.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_merge_reports_rows_both_patches_write(learned):

@@ -129,9 +129,8 @@ class _TableRows:
 
 def live_target(model) -> Target:
     """A loaded `SmftForCausalLM` (one process, or this rank's shards): patch it without a restart."""
-    names = [f"layer{i}" for i in model.config.memory_layers]
     return Target("the loaded model", model.config.to_dict(),
-                  {n: [_TableRows(layer.values)] for n, layer in zip(names, model.memory_layers())})
+                  {n: [_TableRows(layer.values)] for n, layer in zip(ckpt.layer_names(model), model.memory_layers())})
 
 
 def open_target(path: str | Path, writable: bool = False) -> Target:
@@ -140,20 +139,18 @@ def open_target(path: str | Path, writable: bool = False) -> Target:
     if (path / "config.json").is_file() and not (path / "meta.json").is_file():
         config = json.loads((path / "config.json").read_text())
         index = path / "model.safetensors.index.json"
-        files = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+        if index.is_file():  # weights in several files
+            files = json.loads(index.read_text())["weight_map"]
+        else:
+            with open(path / "model.safetensors", "rb") as f:
+                files = dict.fromkeys(json.loads(f.read(int.from_bytes(f.read(8), "little"))), "model.safetensors")
         segments = {}
         for i in config.get("memory_layers", []):
             pattern = re.compile(rf"(.*\.)?layers\.{i}\.mlp\.(.*\.)?values\.weight")
-            if files is None:
-                with open(path / "model.safetensors", "rb") as f:
-                    keys = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-                files_i = {k: "model.safetensors" for k in keys}
-            else:
-                files_i = files
-            key = next((k for k in files_i if pattern.fullmatch(k)), None)
+            key = next((k for k in files if pattern.fullmatch(k)), None)
             if key is None:
                 raise PatchError(f"{path}: no memory values of layer {i} in the weights")
-            segments[f"layer{i}"] = [_StoredRows(path / files_i[key], key, 0, writable)]
+            segments[f"layer{i}"] = [_StoredRows(path / files[key], key, 0, writable)]
         return Target(str(path), config, segments)
     try:
         step_dir = ckpt.resolve_checkpoint(path)
@@ -224,7 +221,6 @@ def apply_patch(patch: Patch, target: Target, force: bool = False) -> ApplyRepor
     rows = {}
     for layer in patch.layers:
         forced[layer] = bad[layer].tolist()
-        rows[layer] = 0
         for s in patch.steps:
             u = s.layers[layer]
             mine = target.owned(layer, u.ids)
@@ -245,9 +241,12 @@ def apply_patch(patch: Patch, target: Target, force: bool = False) -> ApplyRepor
 class RevertReport:
     restored: dict[str, int]  # rows returned exactly to their value before the reverted steps
     overlaps: list[dict] = field(default_factory=list)  # {layer, row, step, later_steps, later_groups}
+    forced: dict[str, list[int]] = field(default_factory=dict)  # rows that did not hold the result (--force)
 
     def lines(self) -> list[str]:
         out = [f"restored exactly: {layer}: {n} rows" for layer, n in self.restored.items()]
+        out += [f"forced: {layer}: rows {ids[:12]}{' ...' if len(ids) > 12 else ''} ({len(ids)}) did not hold the "
+                f"patch's result; the reverted deltas were subtracted from them" for layer, ids in self.forced.items() if ids]
         by_step: dict[tuple[str, int], list[dict]] = {}
         for o in self.overlaps:
             by_step.setdefault((o["layer"], o["step"]), []).append(o)
@@ -278,7 +277,7 @@ def revert_steps(patch: Patch, target: Target, steps: Sequence[int], force: bool
     if any(b.numel() for b in bad.values()) and not force:
         raise PatchMismatch(_mismatch_message("result", target, bad, "the target does not hold this patch's "
                                               "updates (apply it first, or pass --force to subtract the deltas anyway)"))
-    report = RevertReport({})
+    report = RevertReport({}, forced={layer: ids.tolist() for layer, ids in bad.items()})
     for s in reverted:
         for layer in patch.layers:
             u = s.layers[layer]
@@ -289,18 +288,20 @@ def revert_steps(patch: Patch, target: Target, steps: Sequence[int], force: bool
             later = [k for k in keep if k.step > s.step]
             later_hits = [torch.isin(ids_U, k.layers[layer].ids) for k in later]
             shared = torch.stack(later_hits).any(0) if later_hits else torch.zeros_like(ids_U, dtype=torch.bool)
+            additive = shared | torch.isin(ids_U, bad[layer])  # forced rows that differed: subtract too
             cur_UD = target.read(layer, ids_U)
             new_UD = before_UD.to(cur_UD.dtype).clone()
-            new_UD[shared] = (cur_UD[shared].float() - (after_UD[shared].float() - before_UD[shared].float())).to(cur_UD.dtype)
+            new_UD[additive] = (cur_UD[additive].float() - after_UD[additive].float()
+                                + before_UD[additive].float()).to(cur_UD.dtype)
             target.write(layer, ids_U, new_UD)
             for j in shared.nonzero().flatten().tolist():
                 hits = [k for k, h in zip(later, later_hits) if h[j]]
                 report.overlaps.append({"layer": layer, "row": int(ids_U[j]), "step": s.step,
                                         "later_steps": [k.step for k in hits],
                                         "later_groups": sorted({g for k in hits for g in k.groups})})
-    for layer in patch.layers:  # rows of the reverted steps minus the overlaps
+    for layer in patch.layers:  # rows of the reverted steps minus the overlaps and the forced rows
         touched = patch.touched(layer, reverted)
-        overlap = {o["row"] for o in report.overlaps if o["layer"] == layer}
+        overlap = {o["row"] for o in report.overlaps if o["layer"] == layer} | set(report.forced[layer])
         report.restored[layer] = int(target.owned(layer, touched).sum()) - len(overlap)
     target.flush()
     return report

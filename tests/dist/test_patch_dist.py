@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smft_dist.distributed.spawn import run_ranks
-from smft_dist.patch.apply import apply_patch, live_target, open_target
+from smft_dist.patch.apply import apply_patch, live_target, open_target, revert_steps
 from smft_dist.patch.patch import export_patch
 from tests.conftest import PY, checkpoint_tensors, latest_dir, run_cli
 from tests.test_patch import PER_FACT, finetune_args, write_fact_batches
@@ -46,6 +46,13 @@ def test_patch_of_a_two_rank_run_reproduces_its_memory(tiny_data, patch_base_mod
     shutil.copytree(patch_base_model, tmp_path / "base")
     apply_patch(patch, open_target(tmp_path / "base", writable=True))
     assert torch.equal(checkpoint_tensors(latest_dir(tmp_path / "base"))["memory"], want)
+
+    # reverting every step of the 2-shard checkpoint (two row files) gives back the base bitwise
+    shutil.copytree(tmp_path / "run" / "checkpoints", tmp_path / "reverted")
+    revert_steps(patch, open_target(tmp_path / "reverted", writable=True), [s.step for s in patch.steps])
+    assert len(list((latest_dir(tmp_path / "reverted") / "memory").iterdir())) == 2
+    assert torch.equal(checkpoint_tensors(latest_dir(tmp_path / "reverted"))["memory"],
+                       checkpoint_tensors(latest_dir(patch_base_model))["memory"])
 
     ranks = run_ranks(_patch_live_sharded, 2, patch, str(patch_base_model))
     assert ranks[0]["bounds"][1] == ranks[1]["bounds"][0]  # each rank patched only its own rows
