@@ -136,3 +136,26 @@ def test_retrofit_configs_load_and_dense_init_needs_the_retrofit_path():
         assert memory.model.memory_mode == "add" and memory.model.init_from == "/out/background_index/checkpoints"
     with pytest.raises(ConfigError, match="init='dense'.*retrofit.enabled"):
         load_continual_config("configs/demo/smoke.yaml", ["methods.1.init=dense"])
+
+
+@pytest.mark.slow
+def test_retrofit_smoke_starts_sparse_from_the_retrofit_and_full_from_the_dense_model(tmp_path):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from smft_dist.model import SmftForCausalLM
+
+    out = tmp_path / "retrofit"
+    run_cli([PY, "launchers/continual.py", "--config", "configs/demo/retrofit_smoke.yaml", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    pre, methods = report["pretrained"], report["methods"]
+    assert pre["retrofit"]["mode"] == "add" and len(pre["retrofit"]["mean_abs_gate"]) == 1
+    assert pre["retrofit"]["mean_abs_gate"][0] > 0  # continued pretraining opened the zero-init gate
+    assert methods["full"]["heldout_nll_before"] == pre["dense"]["heldout_nll"]  # full FT: the dense model
+    assert methods["sparse"]["heldout_nll_before"] == pre["heldout_nll"]  # sparse: the retrofitted one
+    assert "Retrofit path" in (out / "report.md").read_text()
+    # the retrofit itself (before continued pretraining) computes exactly what the dense model does
+    dense, smft = LlamaForCausalLM.from_pretrained(out / "dense_hf"), SmftForCausalLM.from_pretrained(out / "retrofit_model")
+    ids = torch.arange(3, 35).view(2, 16)
+    with torch.no_grad():
+        assert torch.equal(dense(ids).logits, smft(ids).logits)
