@@ -174,7 +174,7 @@ def derive(base: RunConfig, overrides: List[str], where: str) -> RunConfig:
 def finetune_config(c: ContinualConfig, m: MethodSweep, setting: str, out: Path, where: str = "") -> RunConfig:
     b = c.benchmark
     init = out / ("dense_pretrain" if m.init == "dense" else "background_index") / "checkpoints"
-    fixed = [*model_overrides(c, m.init), f"mode=finetune", f"method={m.method}", f"model.init_from={init}",
+    fixed = [*model_overrides(c, m.init), "mode=finetune", f"method={m.method}", f"model.init_from={init}",
              f"data.batch_size={b.paraphrases}", "data.shuffle=false", f"steps={b.n_new}",
              f"data.seq_len={b.seq_len}", "optim.warmup_steps=0", "optim.schedule=constant"]
     return derive(c.run, fixed + list(m.overrides) + setting.split(), where or f"method {m.name!r}")
