@@ -47,7 +47,9 @@ wait_through_traps() {
 # that only the training ranks act on them (torchrun would die on SIGUSR1 and orphan the ranks,
 # and on SIGTERM kill them 30 s later): Slurm signals every process of the step, ranks included.
 # torchrun reports exit code 1 whatever its ranks returned, so a node that saw a stop signal and
-# whose launcher then failed reports 75 itself.
+# whose launcher then failed reports 75 itself. A node whose launcher failed without a stop signal
+# (a rank crashed, or timed out waiting for a dead or frozen peer) kills the step on every node:
+# srun would otherwise wait for the other nodes' ranks, which a frozen rank never lets finish.
 smft_node() {
   local launcher args extra rc stopped=0 hostfile=${TMPDIR:-/tmp}/smft-hostfile-$SLURM_JOB_ID-$SLURM_NODEID
   case $LAUNCHER in
@@ -73,7 +75,12 @@ smft_node() {
   trap 'stopped=1' USR1 TERM
   wait_through_traps $! && rc=0 || rc=$?
   rm -f "$hostfile"
-  if [ "$rc" -ne 0 ] && [ "$stopped" = 1 ]; then rc=$PREEMPTED; fi
+  if [ "$rc" -ne 0 ] && [ "$stopped" = 1 ]; then
+    rc=$PREEMPTED
+  elif [ "$rc" -ne 0 ]; then
+    echo "node $SLURM_NODEID ($(hostname)): launcher failed (exit $rc): killing step $SLURM_JOB_ID.$SLURM_STEP_ID on every node" >&2
+    scancel --signal=KILL "$SLURM_JOB_ID.$SLURM_STEP_ID" || true
+  fi
   return "$rc"
 }
 export -f smft_node wait_through_traps

@@ -137,7 +137,12 @@ def rank_pids(cluster, node: str) -> list[int]:
     return ranks
 
 
-def test_killed_node_fails_the_job_everywhere_then_resubmit_resumes(slurm_2node, tiny_data, tiny_pretrained, tmp_path):
+# SIGKILL: the peers see closed connections at once. SIGSTOP (a frozen node): the connections stay
+# open, node1's rank times out after dist.timeout_s, and its node kills the step everywhere (the
+# frozen rank would otherwise keep the job running until its time limit).
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_failed_node_fails_the_job_everywhere_then_resubmit_resumes(slurm_2node, tiny_data, tiny_pretrained, tmp_path,
+                                                                    sig):
     timeout_s = 20
     run = finetune(tiny_data, tiny_pretrained, tmp_path / "run", "checkpoint.every=2", f"dist.timeout_s={timeout_s}")
     job = submit(slurm_2node, tmp_path, [*run, "steps=100000"], nodes=2, ranks_per_node=1)
@@ -146,11 +151,12 @@ def test_killed_node_fails_the_job_everywhere_then_resubmit_resumes(slurm_2node,
     assert len(victims) == 1
     killed_at = time.monotonic()
     for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     info = slurm_2node.wait(job, timeout=timeout_s + 60)
     elapsed = time.monotonic() - killed_at
     assert info["JobState"] == "FAILED", log_of(info)[-3000:]
-    assert elapsed < timeout_s + 30, f"the job took {elapsed:.0f}s to fail after node2's rank died"
+    assert elapsed < timeout_s + 30, f"the job took {elapsed:.0f}s to fail after node2's rank {sig.name}"
+    assert "launcher failed (exit 1): killing step" in log_of(info)
     assert rank_pids(slurm_2node, "node1") == [] and rank_pids(slurm_2node, "node2") == []
     saved = int((tmp_path / "run" / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert saved >= 2
