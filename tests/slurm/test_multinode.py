@@ -137,34 +137,47 @@ def rank_pids(cluster, node: str) -> list[int]:
     return ranks
 
 
-# SIGKILL: the peers see closed connections at once. SIGSTOP (a frozen node): the connections stay
-# open, node1's rank times out after dist.timeout_s, and its node kills the step everywhere (the
-# frozen rank would otherwise keep the job running until its time limit).
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
-def test_failed_node_fails_the_job_everywhere_then_resubmit_resumes(slurm_2node, tiny_data, tiny_pretrained, tmp_path,
-                                                                    sig):
-    timeout_s = 20
-    run = finetune(tiny_data, tiny_pretrained, tmp_path / "run", "checkpoint.every=2", f"dist.timeout_s={timeout_s}")
-    job = submit(slurm_2node, tmp_path, [*run, "steps=100000"], nodes=2, ranks_per_node=1)
-    wait_for_steps(tmp_path / "run", 3)
-    victims = rank_pids(slurm_2node, "node2")
-    assert len(victims) == 1
-    killed_at = time.monotonic()
-    for pid in victims:
-        os.kill(pid, sig)
-    info = slurm_2node.wait(job, timeout=timeout_s + 60)
-    elapsed = time.monotonic() - killed_at
-    assert info["JobState"] == "FAILED", log_of(info)[-3000:]
-    assert elapsed < timeout_s + 30, f"the job took {elapsed:.0f}s to fail after node2's rank {sig.name}"
-    assert "launcher failed (exit 1): killing step" in log_of(info)
-    assert rank_pids(slurm_2node, "node1") == [] and rank_pids(slurm_2node, "node2") == []
-    saved = int((tmp_path / "run" / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert saved >= 2
+TIMEOUT_S = 20  # dist.timeout_s of the failure runs
 
+
+def fail_node2(cluster, run: list[str], out: Path, tmp: Path, sig: signal.Signals) -> dict:
+    """Start a long 2-node job, send node2's rank `sig` after step 3, and check that the job fails
+    within dist.timeout_s plus a margin with no rank left on either node; -> the job record."""
+    job = submit(cluster, tmp, [*run, "steps=100000"], nodes=2, ranks_per_node=1)
+    wait_for_steps(out, 3)
+    victims = rank_pids(cluster, "node2")
+    assert len(victims) == 1
+    hit_at = time.monotonic()
+    os.kill(victims[0], sig)
+    info = cluster.wait(job, timeout=TIMEOUT_S + 60)
+    elapsed = time.monotonic() - hit_at
+    assert info["JobState"] == "FAILED", log_of(info)[-3000:]
+    assert elapsed < TIMEOUT_S + 30, f"the job took {elapsed:.0f}s to fail after node2's rank got {sig.name}"
+    assert "launcher failed (exit 1): killing step" in log_of(info)
+    assert rank_pids(cluster, "node1") == [] and rank_pids(cluster, "node2") == []
+    return info
+
+
+def test_killed_node_fails_the_job_everywhere_then_resubmit_resumes(slurm_2node, tiny_data, tiny_pretrained, tmp_path):
+    """SIGKILL: the peers see closed connections at once."""
+    out = tmp_path / "run"
+    run = finetune(tiny_data, tiny_pretrained, out, "checkpoint.every=2", f"dist.timeout_s={TIMEOUT_S}")
+    fail_node2(slurm_2node, run, out, tmp_path, signal.SIGKILL)
+    saved = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert saved >= 2
     again = slurm_2node.wait(submit(slurm_2node, tmp_path, [*run, f"steps={saved + 2}"], nodes=2, ranks_per_node=1))
     assert_completed(again)
     assert f"at step {saved}" in log_of(again) and "resumed from" in log_of(again)
-    assert metric_steps(tmp_path / "run")[-2:] == [saved + 1, saved + 2]
+    assert metric_steps(out)[-2:] == [saved + 1, saved + 2]
+
+
+def test_frozen_node_fails_the_job_everywhere_within_the_timeout(slurm_2node, tiny_data, tiny_pretrained, tmp_path):
+    """SIGSTOP (a frozen node): its connections stay open, node1's rank times out after
+    dist.timeout_s, and node1 kills the step on both nodes; without that the frozen rank would keep
+    the job running until its time limit."""
+    out = tmp_path / "run"
+    fail_node2(slurm_2node, finetune(tiny_data, tiny_pretrained, out, f"dist.timeout_s={TIMEOUT_S}"), out, tmp_path,
+               signal.SIGSTOP)
 
 
 def test_every_global_step_is_one_fact_on_two_nodes(slurm_2node, tiny_data, tmp_path):
