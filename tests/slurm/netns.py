@@ -111,7 +111,11 @@ class Network:
         """Create bridge, namespaces, veths and hosts files (after clearing stale leftovers)."""
         self.down(release=False)
         hosts = "127.0.0.1 localhost\n" + "".join(f"{self.addr(n)} {n}\n" for n in self.names())
-        _ip("link", "add", self.bridge, "type", "bridge")
+        # Keep the nodes' traffic out of iptables: with br_netfilter loaded (e.g. on a Docker host,
+        # whose FORWARD policy is DROP) bridged frames would otherwise be filtered.
+        if _ip("link", "add", self.bridge, "type", "bridge", "nf_call_iptables", "0", "nf_call_ip6tables", "0",
+               "nf_call_arptables", "0", check=False).returncode != 0:
+            _ip("link", "add", self.bridge, "type", "bridge")  # an iproute2 without these options
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for i, node in enumerate(self.names(), 1):
