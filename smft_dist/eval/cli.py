@@ -27,10 +27,10 @@ import torch
 
 from smft_dist.data.loader import DataError
 from smft_dist.data.sources import check_inputs
+from smft_dist.errors import console_script
 from smft_dist.eval.lm_eval_adapter import run_lm_eval
 from smft_dist.eval.nll import mds_heldout_nll
 from smft_dist.eval.qa import evaluate_qa, load_qa_jsonl
-from smft_dist.train.checkpoint import CheckpointError
 
 
 def _tokenizer_source(path: Path, tokenizer: str | None, saved: str | None) -> str:
@@ -123,23 +123,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@console_script
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     tasks = [t for t in args.lm_eval.split(",") if t]
-    try:
-        if not (args.qa or args.nll or tasks):
-            raise DataError("nothing to evaluate: pass --qa FILE, --nll MDS_FOLDER and/or --lm-eval TASKS")
-        if args.batch_size < 1 or args.max_new_tokens < 1:
-            raise DataError("--batch-size and --max-new-tokens must be >= 1")
-        if args.qa:
-            check_inputs(args.qa, None)  # a typo fails before the model loads
-        model, tok = load_eval_model(args.model, args.tokenizer, args.device)
-        results = evaluate_model(model, tok, args.qa, args.nll, tasks, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens, nll_batches=args.nll_batches,
-                                 lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
-    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:  # DataError, missing extra
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not (args.qa or args.nll or tasks):
+        raise DataError("nothing to evaluate: pass --qa FILE, --nll MDS_FOLDER and/or --lm-eval TASKS")
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise DataError("--batch-size and --max-new-tokens must be >= 1")
+    if args.qa:
+        check_inputs(args.qa, None)  # a typo fails before the model loads
+    model, tok = load_eval_model(args.model, args.tokenizer, args.device)
+    results = evaluate_model(model, tok, args.qa, args.nll, tasks, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, nll_batches=args.nll_batches,
+                             lm_eval_include=args.lm_eval_include, lm_eval_limit=args.lm_eval_limit)
     print(table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

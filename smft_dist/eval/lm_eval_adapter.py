@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import math
 
+from smft_dist.data.loader import DataError
+from smft_dist.errors import UserError
+
+
+class LmEvalMissing(UserError, ImportError):
+    """The optional lm-eval extra is not installed."""
+
 
 def lm_eval_available() -> bool:
     try:
@@ -22,14 +29,14 @@ def lm_eval_available() -> bool:
 def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path: str | None = None, limit: int | None = None,
                 batch_size: int = 8, num_fewshot: int | None = None, device: str | None = None) -> dict:
     """-> {task: {metric: value}} (lm-eval's "metric,filter" keys, stderr entries left out).
-    Raises ImportError naming the extra when lm-eval is not installed, and ValueError naming a task
-    lm-eval does not know."""
+    Raises LmEvalMissing naming the extra when lm-eval is not installed, and DataError naming a task
+    lm-eval does not know (both user errors)."""
     try:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ImportError("lm-eval is not installed: pip install -e \".[lmeval]\" (or pip install lm-eval)") from None
+        raise LmEvalMissing("lm-eval is not installed: pip install -e \".[lmeval]\" (or pip install lm-eval)") from None
     manager = None
     if include_path is not None:  # only local tasks: skip indexing lm-eval's thousands of task files
         manager = TaskManager(include_path=include_path, include_defaults=False)
@@ -38,7 +45,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, include_path: str | None 
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" or in {include_path}" if include_path else " (pass --lm-eval-include DIR for your own task YAML)"
-        raise ValueError(f"lm-eval task(s) {unknown} not found in lm-eval's task list{where}")
+        raise DataError(f"lm-eval task(s) {unknown} not found in lm-eval's task list{where}")
     device = device or str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,

@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from smft_dist.config import ConfigError, load_config
+from smft_dist.config import load_config
+from smft_dist.errors import console_script
 from smft_dist.memory.values import DTYPES
 from smft_dist.model import SmftConfig, SmftForCausalLM
 
@@ -51,6 +52,7 @@ def inspect_model(model_cfg, mp: int = 1) -> dict:
     }
 
 
+@console_script
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML with a `model:` section (e.g. configs/model/smft_1p3b.yaml)")
@@ -73,11 +75,7 @@ def main(argv=None) -> int:
              "data.batch_size": args.micro_batch, "data.seq_len": args.seq_len,
              "model.activation_checkpointing": args.activation_checkpointing}
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     info = inspect_model(cfg.model, args.mp)
     if args.plan:
         from smft_dist.model.memory_plan import memory_plan

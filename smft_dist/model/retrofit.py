@@ -24,12 +24,13 @@ from typing import Optional, Sequence
 import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
+from smft_dist.errors import UserError
 from smft_dist.model.configuration import MEMORY_MODES, SmftConfig
 from smft_dist.model.modeling import SmftForCausalLM
 from smft_dist.model.standalone import write_remote_code
 
 
-class RetrofitError(ValueError):
+class RetrofitError(UserError, ValueError):
     """The source model cannot be represented; the message names the field and what differs."""
 
 

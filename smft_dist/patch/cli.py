@@ -15,13 +15,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from smft_dist.errors import console_script
 from smft_dist.patch.apply import apply_patch, open_target, revert_steps, steps_of
 from smft_dist.patch.audit import audit, load_df, plot
-from smft_dist.patch.ledger import LedgerError
-from smft_dist.patch.patch import Patch, PatchError, export_patch, merge_patches, parse_ids
-from smft_dist.train.checkpoint import CheckpointError
+from smft_dist.patch.patch import Patch, export_patch, merge_patches, parse_ids
 
-USER_ERRORS = (PatchError, LedgerError, CheckpointError, FileNotFoundError, FileExistsError)
 
 
 def _patch_or_run(path: str) -> Patch:
@@ -78,6 +76,7 @@ def cmd_show(a) -> list[str]:
     return lines
 
 
+@console_script
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="smft-patch", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -109,11 +108,7 @@ def main(argv=None) -> int:
     s.add_argument("--top", type=int, default=10, help="most-written rows to list")
     a = p.parse_args(argv)
     commands = {"export": cmd_export, "apply": cmd_apply, "revert": cmd_revert, "merge": cmd_merge, "show": cmd_show}
-    try:
-        print("\n".join(commands[a.command](a)), flush=True)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print("\n".join(commands[a.command](a)), flush=True)
     return 0
 
 

@@ -40,13 +40,15 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from smft_dist.errors import UserError
+
 FORMAT = "smft-ledger/1"
 META = "ledger.json"
 _ENTRY = struct.Struct("<qQQI")  # step, offset, length, crc32 of the record bytes
 _FILE = re.compile(r"rank(\d+)of(\d+)\.index")
 
 
-class LedgerError(RuntimeError):
+class LedgerError(UserError, RuntimeError):
     pass
 
 

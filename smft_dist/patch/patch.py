@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from smft_dist.errors import UserError
 from smft_dist.patch.ledger import LedgerError, RowUpdate, StepRecord, complete_steps, read_meta, read_step
 
 FORMAT = "smft-patch/1"
@@ -35,7 +36,7 @@ IDENTITY_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "memory_swilu", "memory_value_dtype")
 
 
-class PatchError(RuntimeError):
+class PatchError(UserError, RuntimeError):
     """A patch does not fit what it is used on; the message names the rows or keys and the fix."""
 
 

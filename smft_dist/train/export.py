@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from smft_dist.config import ModelConfig
+from smft_dist.errors import console_script
 from smft_dist.model import SmftConfig, SmftForCausalLM
 from smft_dist.model.standalone import write_remote_code
 from smft_dist.train import checkpoint as ckpt
@@ -66,17 +67,14 @@ def export(path: str | Path, out: str | Path, tokenizer: str | None = None) -> P
     return out
 
 
+@console_script
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a checkpoint folder (<out_dir>/checkpoints) or one step_<N> folder")
     p.add_argument("--out", required=True, help="the Hugging Face folder to write")
     p.add_argument("--tokenizer", help="a tokenizer folder to copy in (e.g. runs/data/tiny/tokenizer)")
     args = p.parse_args(argv)
-    try:
-        print(export(args.checkpoint, args.out, args.tokenizer))
-    except (ckpt.CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(export(args.checkpoint, args.out, args.tokenizer))
     return 0
 
 
