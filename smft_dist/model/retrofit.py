@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
-from smft_dist.errors import UserError
+from smft_dist.errors import UserError, console_script
 from smft_dist.model.configuration import MEMORY_MODES, SmftConfig
 from smft_dist.model.modeling import SmftForCausalLM
 from smft_dist.model.standalone import write_remote_code
@@ -182,6 +182,7 @@ def retrofit(model_dir: str | Path, out: str | Path, layers: Sequence[int], *, t
     return out
 
 
+@console_script
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a Hugging Face folder LlamaForCausalLM loads")
@@ -201,13 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the new memory's initialisation")
     p.add_argument("--tokenizer", help="tokenizer folder to copy in (default: the --model folder's)")
     args = p.parse_args(argv)
-    try:
-        out = retrofit(args.model, args.out, args.layers, tokenizer=args.tokenizer, mode=args.mode,
-                       n_keys=args.n_keys, heads=args.heads, knn=args.knn, k_dim=args.k_dim, value_dim=args.value_dim,
-                       swilu=args.swilu, qk_norm=args.qk_norm, value_dtype=args.value_dtype, seed=args.seed)
-    except (RetrofitError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = retrofit(args.model, args.out, args.layers, tokenizer=args.tokenizer, mode=args.mode,
+                   n_keys=args.n_keys, heads=args.heads, knn=args.knn, k_dim=args.k_dim, value_dim=args.value_dim,
+                   swilu=args.swilu, qk_norm=args.qk_norm, value_dtype=args.value_dtype, seed=args.seed)
     print(json.dumps({"out": str(out), "model_yaml": str(out / "model.yaml"), "mode": args.mode,
                       "memory_layers": args.layers, "slots": args.n_keys**2}))
     return 0
