@@ -54,9 +54,14 @@ def two_node_finetune(slurm_2node, tiny_data, tiny_pretrained, tmp_path_factory)
     """An uninterrupted sparse finetune, 2 nodes x 1 rank, torchrun: -> its output folder."""
     tmp = tmp_path_factory.mktemp("finetune_2node")
     info = slurm_2node.wait(submit(slurm_2node, tmp, finetune(tiny_data, tiny_pretrained, tmp / "out", f"steps={STEPS}",
-                                                              "checkpoint.every=0"), nodes=2, ranks_per_node=1))
+                                                              "checkpoint.every=0", "logging.progress=true"),
+                                   nodes=2, ranks_per_node=1))
     assert_completed(info)
-    assert_spans_two_nodes(log_of(info), 1)
+    log = log_of(info)
+    assert_spans_two_nodes(log, 1)
+    # The job log is no terminal: plain progress lines (first and last step here), no tqdm bar.
+    assert "finetune/sparse_memory step 1/" in log and f"finetune/sparse_memory step {STEPS}/{STEPS} (100%)" in log
+    assert "\r" not in log
     return tmp / "out"
 
 
