@@ -86,6 +86,10 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine
     grad_clip: float = 1.0
     memory_lr: float = 1e-3  # memory values: row-sparse AdamW (pretrain/full) or MaskedSGD lr
+    # mean: memory_lr applies to the gradient of the loss averaged over the global batch's label tokens
+    # (as for the dense weights); per_token: of the loss summed over them, so an SGD lr does not
+    # shrink with batch x sequence length (docs/design.md §5.2)
+    memory_lr_scale: str = "mean"
     train_dense: bool = True  # pretrain/full: False trains only the memory layers (and add-mode gates)
     memory_optimizer: str = "sgd"  # sparse-memory finetuning: sgd | adamw (ablation)
     momentum: float = 0.0
@@ -189,6 +193,7 @@ _CHOICES = {
     "selection.mode": ("tfidf", "tf", "all"),
     "optim.schedule": ("constant", "cosine"),
     "optim.memory_optimizer": ("sgd", "adamw"),
+    "optim.memory_lr_scale": ("mean", "per_token"),
     "dist.engine": ("none", "deepspeed", "fsdp2"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "dist.device": ("auto", "cpu", "cuda"),

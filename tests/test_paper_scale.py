@@ -150,6 +150,21 @@ def test_k_micro_batches_train_as_one_batch_of_k_times_b(mode):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=k)
 
 
+def test_per_token_memory_lr_is_the_mean_lr_divided_by_the_label_tokens():
+    # docs/design.md §5.2: optim.memory_lr_scale=per_token steps on the token-summed loss, so lr x T
+    # under the default (mean) scale makes the same SGD step; both runs start from the same seed.
+    b = batch(3, n=4, seq=12, pad_last=5)
+    labels = int((b["labels"][:, 1:] != -100).sum())  # 4 x 11 - 5 = 39
+    mean = trainer(*SPARSE, "optim.memory_lr=39.0")
+    per_token = trainer(*SPARSE, "optim.memory_lr_scale=per_token", "optim.memory_lr=1.0")
+    before = mean.tables[0].weight.clone()
+    assert labels == 39 and torch.equal(before, per_token.tables[0].weight)
+    for tr in (mean, per_token):
+        assert tr.train_step(b)["rows_updated"] == 12
+    torch.testing.assert_close(per_token.tables[0].weight, mean.tables[0].weight, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(mean.tables[0].weight, before)
+
+
 def test_sparse_accumulation_selects_over_every_micro_batch():
     # The top-t of K micro-batches is the top-t of their summed counts, not of the last one.
     ref, accum = trainer(*SPARSE, "data.batch_size=6"), trainer(*SPARSE, "data.batch_size=2", "optim.grad_accum=3")

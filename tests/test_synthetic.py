@@ -46,6 +46,29 @@ def test_pretraining_mix_and_heldout():
     assert set(world.background_corpus()) <= set(corpus)
 
 
+def test_qa_people_fraction_keeps_the_other_peoples_facts_to_statements():
+    # docs/design.md §5.1: half the known people are never asked about in pretraining.
+    world = SyntheticWorld(seed=0, qa_people_fraction=0.5, **SMALL)
+    corpus = set(world.pretrain_corpus())
+    flags = [qa["qa_in_pretraining"] for qa in world.known_qa()]
+    assert flags == [f.index // 6 < 2 for f in world.known]  # 5 people, round(2.5) = 2 of them asked
+    for fact, asked in zip(world.known, flags):
+        assert (fact.qa_text() in corpus) == asked
+        assert any(fact.name in d and not d.startswith("Q:") for d in corpus)  # stated either way
+    default = SyntheticWorld(seed=0, **SMALL)  # 1.0: the corpus is unchanged
+    assert default.pretrain_corpus() == SyntheticWorld(seed=0, qa_people_fraction=1.0, **SMALL).pretrain_corpus()
+    assert all(qa["qa_in_pretraining"] for qa in default.known_qa())
+
+
+def test_qa_rewrites_replace_the_last_paraphrases_with_the_qa_text():
+    plain, rewritten = SyntheticWorld(seed=0, **SMALL), SyntheticWorld(seed=0, qa_rewrites=4, **SMALL)
+    for fact, a, b in zip(plain.new, plain.new_fact_statements(), rewritten.new_fact_statements()):
+        assert a[:60] == b[:60] and len(b) == 64
+        assert b[60] == fact.qa_text() and all(t.endswith(fact.qa_text()) for t in b[60:])
+    with pytest.raises(ValueError, match="qa_rewrites"):
+        SyntheticWorld(qa_rewrites=65, paraphrases=64)
+
+
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="paraphrases"):
         SyntheticWorld(paraphrases=10_000)

@@ -54,6 +54,8 @@ class BenchmarkConfig:
     background_docs: int = 2000
     heldout_docs: int = 500
     seq_len: int = 32
+    qa_people_fraction: float = 1.0  # < 1: the other known people's facts only as statements (docs/design.md §5.1)
+    qa_rewrites: int = 0  # of each new fact's paraphrases, this many are QA texts instead (docs/design.md §5.1)
 
 
 @dataclass
@@ -188,10 +190,12 @@ def prepare_data(c: ContinualConfig, out: Path) -> Path:
     data = out / "data"
     b = c.benchmark
     want = {"seed": b.seed, "n_known": b.n_known, "n_new": b.n_new, "paraphrases": b.paraphrases, "seq_len": b.seq_len,
-            "pretrain_docs": b.pretrain_docs, "background_docs": b.background_docs, "heldout_docs": b.heldout_docs}
+            "pretrain_docs": b.pretrain_docs, "background_docs": b.background_docs, "heldout_docs": b.heldout_docs,
+            "qa_people_fraction": b.qa_people_fraction, "qa_rewrites": b.qa_rewrites}
     if (data / "meta.json").is_file():
         meta = json.loads((data / "meta.json").read_text())
-        have = {**meta, **{f"{k}_docs": meta.get(k, {}).get("documents") for k in ("pretrain", "background", "heldout")}}
+        have = {"qa_people_fraction": 1.0, "qa_rewrites": 0, **meta,  # folders written before those levers
+                **{f"{k}_docs": meta.get(k, {}).get("documents") for k in ("pretrain", "background", "heldout")}}
         if any(have.get(k) != v for k, v in want.items()):
             raise ConfigError(f"{data} holds a benchmark with {({k: have.get(k) for k in want})}, the config asks "
                               f"for {want}: use another --out or delete {data}")
@@ -200,7 +204,7 @@ def prepare_data(c: ContinualConfig, out: Path) -> Path:
     log.info("writing the synthetic benchmark to %s", data)
     world = SyntheticWorld(seed=b.seed, n_known=b.n_known, n_new=b.n_new, paraphrases=b.paraphrases,
                            pretrain_docs=b.pretrain_docs, background_docs=b.background_docs,
-                           heldout_docs=b.heldout_docs)
+                           heldout_docs=b.heldout_docs, qa_people_fraction=b.qa_people_fraction, qa_rewrites=b.qa_rewrites)
     write_synthetic(data, world, b.seq_len)
     return data
 

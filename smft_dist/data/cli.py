@@ -195,7 +195,8 @@ def docs(args) -> dict:
 def write_synthetic(out: str | Path, world: SyntheticWorld, seq_len: int, overwrite: bool = False) -> dict:
     """Write the whole synthetic benchmark into `out` (layout in `smft-data synthetic --help`)."""
     meta = {"seed": world.seed, "n_known": world.n_known, "n_new": world.n_new, "paraphrases": world.paraphrases,
-            "seq_len": seq_len, "format": "smft-mds-v1"}
+            "seq_len": seq_len, "qa_people_fraction": world.qa_people_fraction,
+            "qa_rewrites": world.qa_rewrites, "format": "smft-mds-v1"}
     with atomic_dir(out, overwrite) as tmp:
         tok = train_word_tokenizer(world.vocabulary_texts(), tmp / "tokenizer")
         enc = Encoder(tok, seq_len)

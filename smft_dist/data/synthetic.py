@@ -126,7 +126,10 @@ class SyntheticWorld:
 
     n_known facts are (person, attribute) pairs over ceil(n_known / 6) known people; n_new facts
     each concern a distinct new person. `pretrain_docs` documents (one sentence each) are 75% known
-    facts (`qa_fraction` of them in QA form) and 25% filler."""
+    facts (`qa_fraction` of them in QA form) and 25% filler. `qa_people_fraction` < 1 states the
+    facts of the other known people only as statements, never as QA: the model must then learn to
+    answer questions about facts it only read, which is what learning a new fact from statements
+    asks of it (docs/design.md §5.1; known_qa() marks each fact's `qa_in_pretraining`)."""
 
     seed: int = 0
     n_known: int = 300
@@ -135,6 +138,8 @@ class SyntheticWorld:
     pretrain_docs: int = 20000
     known_fraction: float = 0.75
     qa_fraction: float = 0.5
+    qa_people_fraction: float = 1.0
+    qa_rewrites: int = 0
     background_docs: int = 2000
     heldout_docs: int = 500
     known: list[Fact] = field(init=False, repr=False)
@@ -144,6 +149,10 @@ class SyntheticWorld:
         grid = len(_paraphrase_grid())
         if not 1 <= self.paraphrases <= grid:
             raise ValueError(f"paraphrases={self.paraphrases}: must be in [1, {grid}] (templates x prefixes x suffixes)")
+        if not 0 <= self.qa_rewrites <= self.paraphrases:
+            raise ValueError(f"qa_rewrites={self.qa_rewrites}: must be in [0, paraphrases={self.paraphrases}]")
+        if not 0.0 <= self.qa_people_fraction <= 1.0:
+            raise ValueError(f"qa_people_fraction={self.qa_people_fraction}: must be in [0, 1]")
         if self.n_known < 1 or self.n_new < 0:
             raise ValueError(f"n_known={self.n_known} must be >= 1 and n_new={self.n_new} >= 0")
         rng = random.Random(f"world-{self.seed}")
@@ -180,7 +189,8 @@ class SyntheticWorld:
         docs = []
         for i in range(n_fact_docs):
             fact = self.known[i % self.n_known]
-            docs.append(fact.qa_text() if rng.random() < self.qa_fraction else fact.statement(*rng.choice(grid)))
+            as_qa = self.qa_in_pretraining(fact) and rng.random() < self.qa_fraction
+            docs.append(fact.qa_text() if as_qa else fact.statement(*rng.choice(grid)))
         docs += [self._filler(rng) for _ in range(self.pretrain_docs - n_fact_docs)]
         rng.shuffle(docs)
         return docs
@@ -204,17 +214,30 @@ class SyntheticWorld:
                 seen.add(s)
         return out
 
+    def qa_in_pretraining(self, fact: Fact) -> bool:
+        """Whether the pretraining corpus states `fact` in QA form too: the facts of the first
+        `qa_people_fraction` of the known people."""
+        n_people = -(-self.n_known // len(ATTRIBUTES))
+        return fact.index // len(ATTRIBUTES) < round(self.qa_people_fraction * n_people)
+
     def known_qa(self) -> list[dict]:
-        return [f.qa() for f in self.known]
+        return [{**f.qa(), "qa_in_pretraining": self.qa_in_pretraining(f)} for f in self.known]
 
     def new_qa(self) -> list[dict]:
         return [f.qa() for f in self.new]
 
     def new_fact_statements(self) -> list[list[str]]:
-        """For each new fact, `paraphrases` distinct statements (a random subset of the grid)."""
+        """For each new fact, `paraphrases` distinct statements (a random subset of the grid); with
+        `qa_rewrites` > 0 the last that many are the fact's QA text behind the statement prefixes
+        instead (question-style rewrites, as Active Reading makes: a lever of docs/design.md §5.1)."""
         grid = _paraphrase_grid()
         rng = self._rng("paraphrases")
-        return [[f.statement(*g) for g in rng.sample(grid, self.paraphrases)] for f in self.new]
+        out = [[f.statement(*g) for g in rng.sample(grid, self.paraphrases)] for f in self.new]
+        if self.qa_rewrites:
+            for f, texts in zip(self.new, out):
+                texts[len(texts) - self.qa_rewrites:] = [
+                    " ".join(w for w in (PREFIXES[j % len(PREFIXES)], f.qa_text()) if w) for j in range(self.qa_rewrites)]
+        return out
 
     @staticmethod
     def vocabulary_texts() -> list[str]:

@@ -181,8 +181,10 @@ class Trainer:
             loss_sum += loss.item() * n_label
             tokens += int(batch["attention_mask"].sum())
         self.nonfinite_in_a_row = 0
+        # sum over ranks -> mean, as for dense weights; per_token: x the global label tokens (docs/design.md §5.2)
+        row_scale = (global_labels if self.cfg.optim.memory_lr_scale == "per_token" else 1) / self.ctx.world_size
         for t in self.tables:
-            t.scale_grad_(1.0 / self.ctx.world_size)  # sum over ranks -> mean, as for dense weights
+            t.scale_grad_(row_scale)
             if self.ctx.dp_replicate > 1:
                 t.sync_replicas()
         self.engine.step()
