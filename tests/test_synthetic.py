@@ -69,6 +69,25 @@ def test_qa_rewrites_replace_the_last_paraphrases_with_the_qa_text():
         SyntheticWorld(qa_rewrites=65, paraphrases=64)
 
 
+def test_documents_state_every_doc_fact_and_leave_the_rest_of_the_world_alone(tmp_path):
+    # Document QA data for `smft-data docs`: facts about people nobody else in the world has.
+    plain, world = SyntheticWorld(seed=0, **SMALL), SyntheticWorld(seed=0, n_docs=5, **SMALL)
+    assert _snapshot(plain) == _snapshot(world) and plain.doc_people == []
+    docs, qa = world.new_documents(), world.doc_qa()
+    assert len(docs) == 5 and len(qa) == 30 and len({q["id"] for q in qa}) == 30
+    others = {f.name for f in world.known + world.new}
+    for doc, facts in zip(docs, world.doc_people):
+        assert len(doc["text"].split("\n\n")) == 2 and facts[0].name not in others
+        assert all(f.value in doc["text"].split() and f.name in doc["text"] for f in facts)
+    from smft_dist.data.documents import augment, split_chunks
+
+    tok = train_word_tokenizer(world.vocabulary_texts(documents=True), tmp_path / "tok")
+    chunks = split_chunks(docs[0]["id"], docs[0]["text"], lambda t: len(t.split()), 40)
+    texts = [t for c in chunks for t in augment(c, 16)]
+    assert len(chunks) == 2 and any(t.startswith("Q:") for t in texts)
+    assert not any(tok.unk_token_id in tok(t)["input_ids"] for t in texts)  # the augmentations' words are known
+
+
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="paraphrases"):
         SyntheticWorld(paraphrases=10_000)

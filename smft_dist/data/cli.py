@@ -196,9 +196,9 @@ def write_synthetic(out: str | Path, world: SyntheticWorld, seq_len: int, overwr
     """Write the whole synthetic benchmark into `out` (layout in `smft-data synthetic --help`)."""
     meta = {"seed": world.seed, "n_known": world.n_known, "n_new": world.n_new, "paraphrases": world.paraphrases,
             "seq_len": seq_len, "qa_people_fraction": world.qa_people_fraction,
-            "qa_rewrites": world.qa_rewrites, "format": "smft-mds-v1"}
+            "qa_rewrites": world.qa_rewrites, "n_docs": world.n_docs, "format": "smft-mds-v1"}
     with atomic_dir(out, overwrite) as tmp:
-        tok = train_word_tokenizer(world.vocabulary_texts(), tmp / "tokenizer")
+        tok = train_word_tokenizer(world.vocabulary_texts(documents=world.n_docs > 0), tmp / "tokenizer")
         enc = Encoder(tok, seq_len)
         meta["vocab_size"] = len(tok)
         corpora = {"pretrain": world.pretrain_corpus(), "background": world.background_corpus(),
@@ -217,7 +217,12 @@ def write_synthetic(out: str | Path, world: SyntheticWorld, seq_len: int, overwr
                                               groups=world.n_new, paraphrases=world.paraphrases))
         meta["new_facts"] = vars(stats)
         (tmp / "eval").mkdir()
-        for name, qa in (("known_qa", world.known_qa()), ("new_qa", world.new_qa())):
+        if world.n_docs:  # document QA: `smft-data docs` chunks and augments documents/new_documents.jsonl
+            (tmp / "documents").mkdir()
+            with open(tmp / "documents" / "new_documents.jsonl", "w") as f:
+                f.writelines(json.dumps(d) + "\n" for d in world.new_documents())
+        qa_sets = {"known_qa": world.known_qa(), "new_qa": world.new_qa(), **({"doc_qa": world.doc_qa()} if world.n_docs else {})}
+        for name, qa in qa_sets.items():
             with open(tmp / "eval" / f"{name}.jsonl", "w") as f:
                 f.writelines(json.dumps(q) + "\n" for q in qa)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -230,12 +235,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synthetic", help="write the synthetic knowledge benchmark",
                        description="Writes OUT/{tokenizer, pretrain, background, heldout} (packed MDS), "
                                    "OUT/new_facts (one sample per paraphrase, fact order, column group = "
-                                   "fact index), OUT/eval/{known_qa,new_qa}.jsonl and OUT/meta.json.")
+                                   "fact index), OUT/eval/{known_qa,new_qa,doc_qa}.jsonl and OUT/meta.json; "
+                                   "with --n-docs, OUT/documents/new_documents.jsonl for `smft-data docs`.")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--n-known", type=int, default=300)
     s.add_argument("--n-new", type=int, default=1000)
     s.add_argument("--paraphrases", type=int, default=64)
+    s.add_argument("--n-docs", type=int, default=0, help="documents about further new people (document QA)")
     s.add_argument("--pretrain-docs", type=int, default=20000)
     s.add_argument("--background-docs", type=int, default=2000)
     s.add_argument("--heldout-docs", type=int, default=500)
@@ -302,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synthetic":
             world = SyntheticWorld(seed=args.seed, n_known=args.n_known, n_new=args.n_new,
                                    paraphrases=args.paraphrases, pretrain_docs=args.pretrain_docs,
-                                   background_docs=args.background_docs, heldout_docs=args.heldout_docs)
+                                   background_docs=args.background_docs, heldout_docs=args.heldout_docs,
+                                   n_docs=args.n_docs)
             result = write_synthetic(args.out, world, args.seq_len, args.overwrite)
         else:
             result = {"convert": convert, "facts": facts, "docs": docs}[args.command](args)

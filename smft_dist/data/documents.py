@@ -55,11 +55,16 @@ def _greedy_join(parts: list[str], sep: str, count_tokens, max_tokens: int) -> l
     return out + [current] if current else out
 
 
+def render_question(sentence: str) -> str:
+    """A sentence rewritten as a question-answer pair about its opening words."""
+    return f"Q: What does the text say about {' '.join(sentence.split()[:4]).rstrip('.,;:!?')}? A: {sentence}"
+
+
 def _render(kind: str, prefix: str, sents: list[str], rng: random.Random) -> str:
     if kind == "reordered":
         sents = rng.sample(sents, len(sents))
     elif kind == "questions":
-        sents = [f"Q: What does the text say about {' '.join(s.split()[:4]).rstrip('.,;:!?')}? A: {s}" for s in sents]
+        sents = [render_question(s) for s in sents]
     return " ".join(w for w in (prefix, " ".join(sents)) if w)
 
 

@@ -140,10 +140,12 @@ class SyntheticWorld:
     qa_fraction: float = 0.5
     qa_people_fraction: float = 1.0
     qa_rewrites: int = 0
+    n_docs: int = 0  # documents about further new people, for document QA (`new_documents`)
     background_docs: int = 2000
     heldout_docs: int = 500
     known: list[Fact] = field(init=False, repr=False)
     new: list[Fact] = field(init=False, repr=False)
+    doc_people: list[list[Fact]] = field(init=False, repr=False)  # n_docs x one fact per attribute
 
     def __post_init__(self):
         grid = len(_paraphrase_grid())
@@ -169,6 +171,15 @@ class SyntheticWorld:
         new_names = names[n_people - self.n_new:]  # the people after the known ones
         self.new = [Fact(i, new_names[i], attrs[i % n_attr], rng.choice(ATTRIBUTES[attrs[i % n_attr]][0]))
                     for i in range(self.n_new)]
+        # Document people come from their own stream, after everything else: n_docs = 0 leaves the
+        # world exactly as it was, and they never share a name with a known or new-fact person.
+        taken = set(names)
+        rest = [n for n in (" ".join(t) for t in itertools.product(FIRST, SYLLABLE_A, SYLLABLE_B)) if n not in taken]
+        if not 0 <= self.n_docs <= len(rest):
+            raise ValueError(f"n_docs={self.n_docs}: must be in [0, {len(rest)}] (names left after the other people)")
+        doc_rng = self._rng("documents")
+        self.doc_people = [[Fact(k * n_attr + j, name, a, doc_rng.choice(ATTRIBUTES[a][0])) for j, a in enumerate(attrs)]
+                           for k, name in enumerate(doc_rng.sample(rest, self.n_docs))]
 
     # --- texts -----------------------------------------------------------------------------
     def _rng(self, purpose: str) -> random.Random:
@@ -239,12 +250,36 @@ class SyntheticWorld:
                     " ".join(w for w in (PREFIXES[j % len(PREFIXES)], f.qa_text()) if w) for j in range(self.qa_rewrites)]
         return out
 
+    def new_documents(self) -> list[dict]:
+        """Document QA (the paper's §5.2 analogue): one {"id", "text"} document per document person,
+        their facts as plain statements in random order, in two paragraphs (so `smft-data docs`
+        with a small --chunk-tokens makes two chunks of several facts each)."""
+        rng = self._rng("document-texts")
+        n_templates = len(next(iter(ATTRIBUTES.values()))[1])
+        docs = []
+        for k, facts in enumerate(self.doc_people):
+            sents = [f.statement(rng.randrange(n_templates), 0, 0) for f in facts]
+            rng.shuffle(sents)
+            half = len(sents) // 2
+            docs.append({"id": f"doc{k}", "text": " ".join(sents[:half]) + "\n\n" + " ".join(sents[half:])})
+        return docs
+
+    def doc_qa(self) -> list[dict]:
+        """One QA pair per fact the documents state, with the id of its document."""
+        return [{**f.qa(), "id": f"doc{k}/{f.attribute}", "doc_id": f"doc{k}"}
+                for k, facts in enumerate(self.doc_people) for f in facts]
+
     @staticmethod
-    def vocabulary_texts() -> list[str]:
+    def vocabulary_texts(documents: bool = False) -> list[str]:
         """Texts holding every word the benchmark can produce (placeholders removed): train the
-        tokenizer on these and no synthetic text has an unknown word."""
+        tokenizer on these and no synthetic text has an unknown word. `documents`: also the words
+        `smft-data docs` adds in its augmentations (prefixes, question rewrites)."""
         texts = [w for vals, _, _ in ATTRIBUTES.values() for w in vals]
         texts += FIRST + SYLLABLE_A + SYLLABLE_B + ADJ + NOUN + VERB + PLACE + PREFIXES + SUFFIXES
         texts += [t for _, temps, q in ATTRIBUTES.values() for t in temps + [q]] + FILLER_TEMPLATES
         texts.append(qa_prompt(""))
+        if documents:
+            from smft_dist.data.documents import PREFIXES as DOC_PREFIXES, render_question
+
+            texts += DOC_PREFIXES + [render_question("")]
         return [re.sub(r"\{\w+\}", " ", t) for t in texts]
