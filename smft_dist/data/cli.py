@@ -32,6 +32,7 @@ from smft_dist.data.real import fact_statements, load_paraphrases, qa_rows
 from smft_dist.data.sources import check_inputs, read_rows
 from smft_dist.data.synthetic import SyntheticWorld
 from smft_dist.data.tokenizer import load_tokenizer, special_token_ids, train_word_tokenizer
+from smft_dist.errors import console_script
 
 
 def normalise(where: str, row: dict) -> dict:
@@ -300,23 +301,22 @@ def _writing(p: argparse.ArgumentParser, seq_len: int) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+@console_script
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.seq_len < 4:
-        print(f"smft-data: error: --seq-len {args.seq_len} is too small: use at least 4", file=sys.stderr)
-        return 2
-    try:
-        if args.command == "synthetic":
+        raise DataError(f"--seq-len {args.seq_len} is too small: use at least 4")
+    if args.command == "synthetic":
+        try:
             world = SyntheticWorld(seed=args.seed, n_known=args.n_known, n_new=args.n_new,
                                    paraphrases=args.paraphrases, pretrain_docs=args.pretrain_docs,
                                    background_docs=args.background_docs, heldout_docs=args.heldout_docs,
                                    n_docs=args.n_docs)
-            result = write_synthetic(args.out, world, args.seq_len, args.overwrite)
-        else:
-            result = {"convert": convert, "facts": facts, "docs": docs}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # DataError, size checks, paths
-        print(f"smft-data: error: {e}", file=sys.stderr)
-        return 2
+        except ValueError as e:  # the world's own checks of its sizes name the option
+            raise DataError(str(e)) from None
+        result = write_synthetic(args.out, world, args.seq_len, args.overwrite)
+    else:
+        result = {"convert": convert, "facts": facts, "docs": docs}[args.command](args)
     print(json.dumps(result))
     return 0
 
