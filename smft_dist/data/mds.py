@@ -193,7 +193,7 @@ def write_mds(out_dir: str | Path, samples: Iterable[dict], grouped: bool = Fals
             writer.write(sample)
             n += 1
     if n == 0:
-        raise DataError(f"no samples to write into {out_dir}: the input is empty")
+        raise ValueError(f"no samples to write into {out_dir}: the input is empty")
     return n
 
 
