@@ -247,7 +247,9 @@ def _train_stage(c: ContinualConfig, name: str, overrides: List[str], times: dic
 
     cfg = derive(c.run, overrides, name)
     t0 = time.time()
-    train(cfg)
+    code = train(cfg)
+    if code != 0:  # preempted (SIGUSR1/SIGTERM): the stage saved; a rerun of the benchmark resumes it
+        raise SystemExit(code)
     times[f"{name}_s"] = time.time() - t0
 
 
