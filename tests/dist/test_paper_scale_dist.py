@@ -1,7 +1,6 @@
 """The paper-scale paths on 2 ranks: activation checkpointing and gradient accumulation with a
 row-sharded table, and one fact per global step when the 2 ranks are 2 nodes."""
 import os
-import tempfile
 
 import numpy as np
 import torch
