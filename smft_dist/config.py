@@ -379,7 +379,7 @@ def check_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"{k}={path} does not exist: {fix}")
         if must_hold and not (p / must_hold).is_file():
             raise ConfigError(f"{k}={path} has no {must_hold}: expected {fix}")
-        if must_hold == "index.json" and _mds_samples(p / must_hold) == 0:
+        if must_hold == "index.json" and mds_samples(p / must_hold) == 0:
             raise ConfigError(f"{k}={path} holds no samples: check what wrote it")
         if k == key:
             _check_seq_len(cfg, key, p)
@@ -398,7 +398,7 @@ def _check_seq_len(cfg: RunConfig, key: str, folder: Path) -> None:
                           f"smft-data --seq-len {cfg.data.seq_len}")
 
 
-def _mds_samples(index: Path) -> Optional[int]:
+def mds_samples(index: Path) -> Optional[int]:
     """Samples listed in an MDS index.json (None if unreadable: the loader then says why)."""
     try:
         return sum(int(s.get("samples", 0)) for s in json.loads(index.read_text()).get("shards", []))

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smft_dist.config import ConfigError, RunConfig, load_config
+from smft_dist.config import ConfigError, RunConfig, load_config, mds_samples
 from smft_dist.data.loader import DataError
 from smft_dist.errors import console_script
 
@@ -45,9 +45,7 @@ STREAM_LOG = "stream.jsonl"
 
 def one_pass_steps(cfg: RunConfig, world_size: int) -> int:
     """Optimizer steps of one pass over data.train: whole global batches (the loader drops the rest)."""
-    from smft_dist.config import _mds_samples
-
-    samples = _mds_samples(Path(cfg.data.train) / "index.json")
+    samples = mds_samples(Path(cfg.data.train) / "index.json")
     global_batch = cfg.data.batch_size * world_size * cfg.optim.grad_accum
     if not samples or samples < global_batch:
         raise DataError(f"{cfg.data.train} holds {samples} samples, less than one global batch (batch_size "
