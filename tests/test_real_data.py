@@ -11,7 +11,7 @@ from smft_dist.data.cli import main as smft_data
 from smft_dist.data.loader import DataError, build_dataloader, forever
 from smft_dist.data.streaming_compat import import_streaming
 from smft_dist.eval.qa import f1_score, load_qa_jsonl
-from tests.conftest import PY, ROOT, run_cli
+from tests.conftest import PY, ROOT, run_cli, skip_unless_ci
 from tests.test_data import _numbered
 
 FIX = ROOT / "tests" / "fixtures"
@@ -213,7 +213,7 @@ def test_lm_eval_task_made_locally_matches_our_own_scoring(tok, tmp_path):
     from smft_dist.eval.lm_eval_adapter import lm_eval_available, run_lm_eval
 
     if not lm_eval_available():
-        pytest.skip("lm-eval is not installed (optional extra: pip install -e '.[lmeval]')")
+        skip_unless_ci("lm-eval is not installed (optional extra: pip install -e '.[lmeval]')")
     import torch
 
     from smft_dist.data.tokenizer import load_tokenizer

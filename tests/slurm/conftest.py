@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+from tests.conftest import skip_unless_ci
 from tests.slurm import cluster as slurm
 from tests.slurm import netns
 
@@ -29,9 +30,7 @@ def _unavailable() -> str | None:
 def _require_slurm() -> None:
     reason = _unavailable()
     if reason:
-        if os.environ.get("CI", "").lower() in ("true", "1"):
-            pytest.fail(f"CI must run the Slurm tests: {reason}")
-        pytest.skip(reason)
+        skip_unless_ci(reason)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +47,7 @@ def slurm_2node(tmp_path_factory):
     try:
         cluster = slurm.start_multinode(tmp_path_factory.mktemp("slurm2"), nodes=2)
     except netns.NetnsUnavailable as e:
-        pytest.skip(f"no 2-node cluster: {e}")
+        skip_unless_ci(f"no 2-node cluster: {e}")
     atexit.register(slurm.stop, cluster)  # idempotent: a no-op after the finalizer below
     yield cluster
     slurm.stop(cluster)
