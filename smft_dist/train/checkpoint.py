@@ -281,18 +281,19 @@ def load_dense(module, step_dir: Path) -> None:
     module.load_state_dict(read_dense(module, step_dir), strict=False)
 
 
-def _rows_of(tables: list[ValueTable]) -> tuple[int, int, int]:
-    """(row_start, row_end, num_rows) shared by every table (one row plan for all memory layers)."""
-    bounds = {(t.row_start, t.row_end, t.num_rows) for t in tables}
-    if len(bounds) != 1:
-        raise CheckpointError(f"memory tables of different row layouts {sorted(bounds)}: one plan is expected")
-    return bounds.pop()
+def _rows_of(tables: list[ValueTable]) -> tuple[int, int]:
+    """(row_start, row_end) shared by every table (one row plan for all memory layers)."""
+    layouts = {(t.row_start, t.row_end, t.num_rows) for t in tables}
+    if len(layouts) != 1:
+        raise CheckpointError(f"memory tables of different row layouts {sorted(layouts)}: one plan is expected")
+    start, end, _ = layouts.pop()
+    return start, end
 
 
 def load_memory_optimizer(optimizer, tables: list[ValueTable], step_dir: Path) -> None:
     """Load the rows of this rank's shard from the `memory_optim/rows_<a>_<b>.pt` files that overlap
     them (any saved mp): each file is masked to this rank's rows on the host, then moved."""
-    lo, hi, _ = _rows_of(tables)
+    lo, hi = _rows_of(tables)
     parts = []
     for a, b, f in _row_files(step_dir / "memory_optim", "rows_*_*.pt"):
         if max(a, lo) >= min(b, hi):
@@ -431,7 +432,7 @@ class Checkpointer:
         if ctx.replicate_rank == 0:  # replicas hold the same rows
             save_memory(tr.tables, names, tmp)
             if tr.memory_optimizer is not None and tr.tables:
-                lo, hi, _ = _rows_of(tr.tables)
+                lo, hi = _rows_of(tr.tables)
                 torch.save(tr.memory_optimizer.state_dict(), tmp / "memory_optim" / f"rows_{lo}_{hi}.pt")
         for name, index in zip(names, tr.df_indexes or []):
             if index is not None:
