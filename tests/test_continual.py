@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from smft_dist.config import ConfigError
-from smft_dist.continual.benchmark import Bench, fact_order, load_continual_config
-from smft_dist.continual.report import KEYS, METRICS, aggregate_orders, choose_shown
+from smft_dist.continual.benchmark import Task, fact_order, load_continual_config
+from smft_dist.continual.report import KEYS, METRICS, aggregate_runs, checks, choose_shown
 from tests.conftest import PY, run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -22,76 +22,137 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_writes_a_well_formed_report(smoke_run):
     report = json.loads((smoke_run / "report.json").read_text())
-    assert {"methods", "config", "sweeps", "pretrained", "checks"} <= set(report)
-    assert set(report["methods"]) == {"sparse", "full", "lora", "sparse-tf"}  # smoke.yaml: ablations=true
-    for name, m in report["methods"].items():
-        assert set(KEYS) <= set(m), name
-        assert all(math.isfinite(m[k]) for k in KEYS), (name, m)
-        for k in ("learned_f1", "known_f1_before", "known_f1_after"):
-            assert 0.0 <= m[k] <= 1.0, (name, k, m[k])
-        assert m["steps"] == report["config"]["benchmark"]["n_new"]
-        assert m["setting"] == report["sweeps"][name]["sweep"][m["setting_index"]]["setting"]
-        assert m["why"]
-    # every run starts from the same pretrained weights: the same "before" everywhere
-    assert len({(m["known_f1_before"], m["heldout_nll_before"]) for m in report["methods"].values()}) == 1
-    curve = report["sweeps"]["sparse"]["sweep"][0]["curve"]
-    assert [p["step"] for p in curve] == [0, 3, 6]  # eval.every=3 over 6 facts
-    assert {"known_f1", "known_f1_memory_zeroed"} <= set(report["pretrained"])
+    assert {"tasks", "config", "pretrained", "times"} <= set(report)
+    pre = report["pretrained"]["0"]  # pretraining seed 0: the memory model and its dense twin
+    assert {"known_f1", "known_f1_memory_zeroed", "facts_f1", "documents_f1"} <= set(pre["memory"])
+    assert pre["dense"]["heldout_nll"] != pre["memory"]["heldout_nll"]
+    want = {"facts": ({"sparse", "full", "lora", "full-dense", "sparse-tf"}, 6, [0, 3, 6]),  # smoke: ablations=true
+            "documents": ({"sparse", "full", "full-dense"}, 4, [0, 2, 4])}  # 2 documents x 2 paragraphs
+    for task, (names, steps, curve_steps) in want.items():
+        t = report["tasks"][task]
+        assert set(t["methods"]) == names and t["steps"] == steps
+        for name, m in t["methods"].items():
+            assert set(KEYS) <= set(m), name
+            assert all(math.isfinite(m[k]) for k in KEYS), (name, m)
+            for k in ("learned_f1", "known_f1_before", "known_f1_after"):
+                assert 0.0 <= m[k] <= 1.0, (name, k, m[k])
+            assert m["steps"] == steps and m["why"]
+            assert m["setting"] == t["sweeps"][name]["sweep"][m["setting_index"]]["setting"]
+            # every run starts from its init's pretrained weights: the memory model or the dense twin
+            init = "dense" if name == "full-dense" else "memory"
+            assert m["init"] == init and m["heldout_nll_before"] == pre[init]["heldout_nll"], (task, name)
+            assert [p["step"] for p in t["sweeps"][name]["sweep"][0]["curve"]] == curve_steps
+        assert t["checks"] and {c["status"] for c in t["checks"]} <= {"PASS", "FAIL", "INFO"}
+    claims = " ".join(c["claim"] for c in report["tasks"]["facts"]["checks"])
+    assert "zeroing the memory" in claims and "TF-IDF against TF-only" in claims
 
 
-def test_smoke_writes_markdown_and_plots(smoke_run):
+def test_document_chunks_teach_exactly_their_facts(smoke_run):
+    """Chunk i's batch holds the augmentations of chunk i, and its QA pairs are the three facts it
+    states: every document fact once, in the chunk whose texts carry its answer."""
+    from smft_dist.continual.benchmark import load_bench
+
+    c = load_continual_config("configs/demo/smoke.yaml")
+    docs = load_bench(c, smoke_run / "data").tasks["documents"]
+    doc_qa = [json.loads(line) for line in (smoke_run / "data" / "eval" / "doc_qa.jsonl").read_text().splitlines()]
+    assert len(docs.batches) == 4 and [len(qs) for qs in docs.qa_per_step] == [3, 3, 3, 3]
+    assert sorted(q["id"] for qs in docs.qa_per_step for q in qs) == sorted(q["id"] for q in doc_qa)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smoke_run / "data" / "tokenizer"))
+    for batch, qs in zip(docs.batches, docs.qa_per_step):
+        texts = tok.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        assert len(texts) == c.benchmark.paraphrases
+        assert all(q["answer"] in t.split() for q in qs for t in texts)
+    assert docs.learned_qa(1) == docs.qa_per_step[0] and len(docs.learned_qa()) == 12
+
+
+def test_smoke_writes_markdown_headline_and_plots(smoke_run):
     md = (smoke_run / "report.md").read_text()
-    for name in ("sparse", "full", "lora", "Known-F1 drop", "Why these settings", "Memory ablation"):
-        assert name in md
-    for png in ("curves.png", "pareto.png"):
-        data = (smoke_run / png).read_bytes()
-        assert len(data) > 1000 and data.startswith(PNG), png
-        assert f"]({png})" in md
+    for name in ("sparse", "full", "lora", "Known-F1 drop", "Why these settings", "Memory ablation", "Fact learning",
+                 "Document QA", "[dense twin]", "PASS", "FAIL"):
+        assert name in md, name
+    for task in ("facts", "documents"):
+        for kind in ("curves", "pareto"):
+            png = f"{task}_{kind}.png"
+            data = (smoke_run / png).read_bytes()
+            assert len(data) > 1000 and data.startswith(PNG), png
+            assert f"]({png})" in md
+    head = (smoke_run / "headline.md").read_text()
+    assert "**Fact learning**" in head and "**Document QA**" in head and "| sparse-tf" not in head  # no ablation rows
 
 
-def test_rerun_reuses_data_and_pretraining_over_two_fact_orders(smoke_run):
-    """A second run into the same folder skips the benchmark, pretraining and df index; with
-    fact_orders=2 every number shown is the mean of the two orders' runs."""
-    mtime = (smoke_run / "pretrain" / "checkpoints" / "latest").stat().st_mtime
+def test_rerun_reuses_data_pretraining_and_finished_runs_over_two_orders(smoke_run):
+    """A second run into the same folder skips the benchmark, pretraining, df index and every run it
+    already finished; with fact_orders=2 every number shown is the mean of the two orders' runs."""
+    first = json.loads((smoke_run / "report.json").read_text())
+    mtime = (smoke_run / "seed0" / "pretrain" / "checkpoints" / "latest").stat().st_mtime
     r = run_cli([PY, "launchers/continual.py", "--config", "configs/demo/smoke.yaml", "--out", str(smoke_run),
                  "methods=[{name: sparse, method: sparse_memory, sweep: ['optim.memory_lr=30 selection.top_t=5']}]",
                  "target_method=sparse", "fact_orders=2"])
     assert "reusing the benchmark" in r.stderr
-    assert (smoke_run / "pretrain" / "checkpoints" / "latest").stat().st_mtime == mtime
+    # facts: 1 new setting x 2 orders; documents: 3 methods x 2 orders, of which order 0 is stored
+    assert "8 finetuning runs: 3 stored" in r.stderr
+    assert (smoke_run / "seed0" / "pretrain" / "checkpoints" / "latest").stat().st_mtime == mtime
     report = json.loads((smoke_run / "report.json").read_text())
-    assert set(report["methods"]) == {"sparse"}
-    perms = report["fact_order_permutations"]
+    facts = report["tasks"]["facts"]
+    assert set(facts["methods"]) == {"sparse"}
+    perms = facts["permutations"]
     assert len(perms) == 2 and perms[0] == list(range(6)) and sorted(perms[1]) == perms[0] != perms[1]
-    m, entry = report["methods"]["sparse"], report["sweeps"]["sparse"]["sweep"][0]
-    assert len(m["per_order"]) == len(entry["orders"]) == 2
+    m, entry = facts["methods"]["sparse"], facts["sweeps"]["sparse"]["sweep"][0]
+    assert len(m["per_run"]) == len(entry["runs"]) == 2 and [r["order"] for r in m["per_run"]] == [0, 1]
     for k in METRICS:
-        assert m[k] == pytest.approx(sum(o[k] for o in m["per_order"]) / 2), k
+        assert m[k] == pytest.approx(sum(o[k] for o in m["per_run"]) / 2), k
     assert m["steps"] == 6 and [p["step"] for p in entry["curve"]] == [0, 3, 6]
-    assert "over 2 orders of the new facts" in (smoke_run / "report.md").read_text()
+    stored = first["tasks"]["documents"]["sweeps"]["sparse"]["sweep"][0]["runs"][0]
+    assert report["tasks"]["documents"]["sweeps"]["sparse"]["sweep"][0]["runs"][0] == stored
+    assert "1 pretraining seed x 2 orders" in (smoke_run / "report.md").read_text()
 
 
-def test_fact_orders_keep_facts_and_questions_together():
+def test_fact_orders_keep_items_and_questions_together():
     assert fact_order(10, 0, seed=0) == list(range(10))  # order 0: the benchmark's own
     perm = fact_order(10, 1, seed=0)
     assert sorted(perm) == list(range(10)) and perm != list(range(10))
     assert perm == fact_order(10, 1, seed=0) != fact_order(10, 2, seed=0) != fact_order(10, 1, seed=1)
-    bench = Bench(None, [], [{"q": i} for i in range(10)], [{"fact": i} for i in range(10)], [], None)
-    moved = bench.reordered(perm)
-    assert [q["q"] for q in moved.new_qa] == [b["fact"] for b in moved.fact_batches] == perm
-    assert [q["q"] for q in bench.new_qa] == list(range(10))  # the original is left as it was
+    task = Task("facts", [{"fact": i} for i in range(10)], [[{"q": i}] for i in range(10)], every=5)
+    moved = task.reordered(perm)
+    assert [q["q"] for q in moved.learned_qa()] == [b["fact"] for b in moved.batches] == perm
+    assert [q["q"] for q in moved.learned_qa(3)] == perm[:3]
+    assert [q["q"] for q in task.learned_qa()] == list(range(10))  # the original is left as it was
 
 
-def test_aggregate_orders_means_std_and_curve():
+def test_aggregate_runs_means_std_and_curve():
     def run(f1, drop):
         return {**{k: 0.5 for k in METRICS}, "learned_f1": f1, "known_f1_drop_pct": drop, "steps": 4,
                 "wall_s": 1.0, "curve": [{"step": 0, "learned_f1": 0.0, "known_f1": 1.0, "heldout_nll": 2.0},
                                           {"step": 4, "learned_f1": f1, "known_f1": 1.0, "heldout_nll": 2.0}]}
-    agg = aggregate_orders([run(0.2, 10.0), run(0.4, 20.0), run(0.6, 0.0)])
+    agg = aggregate_runs([run(0.2, 10.0), run(0.4, 20.0), run(0.6, 0.0)])
     assert agg["learned_f1"] == pytest.approx(0.4) and agg["std"]["learned_f1"] == pytest.approx(0.2)
     assert agg["known_f1_drop_pct"] == pytest.approx(10.0) and agg["std"]["known_f1_drop_pct"] == pytest.approx(10.0)
-    assert agg["steps"] == 4 and agg["wall_s"] == 3.0 and len(agg["orders"]) == 3
+    assert agg["steps"] == 4 and agg["wall_s"] == 3.0 and len(agg["runs"]) == 3
     assert [p["learned_f1"] for p in agg["curve"]] == pytest.approx([0.0, 0.4])
-    assert aggregate_orders([run(0.3, 5.0)])["std"]["learned_f1"] == 0.0
+    assert aggregate_runs([run(0.3, 5.0)])["std"]["learned_f1"] == 0.0
+
+
+def test_checks_apply_the_targets():
+    def m(f1, drop, nll_after=2.0, matched=True, method="full"):
+        return {"learned_f1": f1, "known_f1_drop_pct": drop, "heldout_nll_before": 2.0, "heldout_nll_after": nll_after,
+                "matched": matched, "ablation": False, "method": method, "why": "-"}
+    methods = {"sparse": m(0.55, 4.0, 2.015, method="sparse_memory"), "full": m(0.58, 20.0), "lora": m(0.3, 10.0, matched=False)}
+    sweeps = {"sparse": {"method": "sparse_memory", "ablation": False, "sweep": [{"learned_f1": 0.55, "setting": "a"}]},
+              "full": {"method": "full", "ablation": False, "sweep": [{"learned_f1": 0.58}, {"learned_f1": 0.62}]},
+              "lora": {"method": "lora", "ablation": False, "sweep": [{"learned_f1": 0.3}]}}
+    pre = {"memory": {"known_f1": 0.9, "known_f1_memory_zeroed": 0.5, "seeds": 2}}
+    got = {c["claim"].split(":")[0]: c["status"] for c in checks("facts", methods, sweeps, "sparse", pre)}
+    assert got == {"sparse learns as well as full finetuning's best minus 0.05": "FAIL",  # 0.55 < 0.62 - 0.05
+                   "sparse learns at least half of the new facts": "PASS", "sparse forgets little": "PASS",
+                   "sparse keeps held-out NLL": "PASS", "full forgets at least 3x as much as sparse": "PASS",
+                   "lora forgets at least 3x as much as sparse": "FAIL",  # 10% < 12%
+                   "zeroing the memory after pretraining costs at least 0.3 known-fact F1": "PASS"}
+    lora = next(c["claim"] for c in checks("facts", methods, sweeps, "sparse", pre) if c["claim"].startswith("lora"))
+    assert "cannot reach the target learning" in lora
+    docs = {c["claim"].split(":")[0]: c["status"] for c in checks("documents", methods, sweeps, "sparse", pre)}
+    assert docs["sparse forgets less than full"] == docs["sparse forgets less than lora"] == "PASS" and len(docs) == 3
 
 
 def _runs(*pairs):
@@ -117,25 +178,32 @@ def test_config_errors_name_the_key_and_file(tmp_path):
         load_continual_config("configs/demo/smoke.yaml", ["fact_orders=0"])
     with pytest.raises(ConfigError, match="target_method"):
         load_continual_config("configs/demo/smoke.yaml", ["target_method=nope"])
+    with pytest.raises(ConfigError, match="n_docs=0 with 3 documents.methods"):
+        load_continual_config("configs/demo/smoke.yaml", ["benchmark.n_docs=0"])
+    with pytest.raises(ConfigError, match="pretrain_seeds"):
+        load_continual_config("configs/demo/smoke.yaml", ["pretrain_seeds=[1,1]"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("benchmark:\n  n_knwn: 3\n")
     with pytest.raises(ConfigError, match="bad.yaml.*n_knwn"):
         load_continual_config(bad)
 
 
-def test_retrofit_configs_load_and_dense_init_needs_the_retrofit_path():
+def test_dense_init_is_the_dense_twin_or_the_retrofit_start():
     from smft_dist.continual.benchmark import finetune_config
 
-    for path in ("configs/demo/retrofit_cpu.yaml", "configs/demo/retrofit_smoke.yaml"):
+    for path in ("configs/demo/smoke.yaml", "configs/demo/retrofit_cpu.yaml", "configs/demo/retrofit_smoke.yaml"):
         c = load_continual_config(path)
-        assert c.retrofit.enabled and {m.name: m.init for m in c.methods}["full"] == "dense"
         by_name = {m.name: m for m in c.methods}
-        dense = finetune_config(c, by_name["full"], by_name["full"].sweep[0], Path("/out"))
-        memory = finetune_config(c, by_name["sparse"], by_name["sparse"].sweep[0], Path("/out"))
-        assert dense.model.memory_layers == [] and dense.model.init_from == "/out/dense_pretrain/checkpoints"
-        assert memory.model.memory_mode == "add" and memory.model.init_from == "/out/background_index/checkpoints"
-    with pytest.raises(ConfigError, match="init='dense'.*retrofit.enabled"):
-        load_continual_config("configs/demo/smoke.yaml", ["methods.1.init=dense"])
+        dense_name = "full" if c.retrofit.enabled else "full-dense"
+        assert by_name[dense_name].init == "dense"
+        dense = finetune_config(c, "facts", by_name[dense_name], by_name[dense_name].sweep[0], Path("/out/seed0"))
+        memory = finetune_config(c, "facts", by_name["sparse"], by_name["sparse"].sweep[0], Path("/out/seed0"))
+        assert dense.model.memory_layers == [] and dense.model.init_from == "/out/seed0/dense_pretrain/checkpoints"
+        assert memory.model.memory_layers == c.run.model.memory_layers
+        assert memory.model.init_from == "/out/seed0/background_index/checkpoints"
+        assert memory.model.memory_mode == ("add" if c.retrofit.enabled else "replace")
+    with pytest.raises(ConfigError, match="init='bogus'"):
+        load_continual_config("configs/demo/smoke.yaml", ["methods.1.init=bogus"])
 
 
 @pytest.mark.slow
@@ -148,14 +216,15 @@ def test_retrofit_smoke_starts_sparse_from_the_retrofit_and_full_from_the_dense_
     out = tmp_path / "retrofit"
     run_cli([PY, "launchers/continual.py", "--config", "configs/demo/retrofit_smoke.yaml", "--out", str(out)])
     report = json.loads((out / "report.json").read_text())
-    pre, methods = report["pretrained"], report["methods"]
-    assert pre["retrofit"]["mode"] == "add" and len(pre["retrofit"]["mean_abs_gate"]) == 1
-    assert pre["retrofit"]["mean_abs_gate"][0] > 0  # continued pretraining opened the zero-init gate
+    pre, methods = report["pretrained"]["0"], report["tasks"]["facts"]["methods"]
+    assert report["config"]["retrofit"]["mode"] == "add" and len(pre["memory"]["mean_abs_gate"]) == 1
+    assert pre["memory"]["mean_abs_gate"][0] > 0  # continued pretraining opened the zero-init gate
     assert methods["full"]["heldout_nll_before"] == pre["dense"]["heldout_nll"]  # full FT: the dense model
-    assert methods["sparse"]["heldout_nll_before"] == pre["heldout_nll"]  # sparse: the retrofitted one
+    assert methods["sparse"]["heldout_nll_before"] == pre["memory"]["heldout_nll"]  # sparse: the retrofitted one
     assert "Retrofit path" in (out / "report.md").read_text()
     # the retrofit itself (before continued pretraining) computes exactly what the dense model does
-    dense, smft = LlamaForCausalLM.from_pretrained(out / "dense_hf"), SmftForCausalLM.from_pretrained(out / "retrofit_model")
+    seed0 = out / "seed0"
+    dense, smft = LlamaForCausalLM.from_pretrained(seed0 / "dense_hf"), SmftForCausalLM.from_pretrained(seed0 / "retrofit_model")
     ids = torch.arange(3, 35).view(2, 16)
     with torch.no_grad():
         assert torch.equal(dense(ids).logits, smft(ids).logits)

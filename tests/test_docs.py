@@ -74,3 +74,11 @@ def test_no_file_cites_the_design_notes_outside_the_repository():
         for lineno, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             hits += [f"{f.relative_to(ROOT)}:{lineno}: {line.strip()}" for s in FORBIDDEN if s in line]
     assert not hits, "cite docs/design.md instead:\n" + "\n".join(hits)
+
+
+def test_readme_shows_the_demo_headline_as_the_run_wrote_it():
+    """The README's headline tables are the committed runs' headline.md files, unedited."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in (ROOT / "docs" / "demo" / "headline.md", ROOT / "docs" / "demo" / "seeds" / "headline.md"):
+        table = path.read_text(encoding="utf-8").strip()
+        assert table and table in readme, f"README.md does not hold {path.relative_to(ROOT)} verbatim: copy it in"

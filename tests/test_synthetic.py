@@ -86,6 +86,17 @@ def test_documents_state_every_doc_fact_and_leave_the_rest_of_the_world_alone(tm
     texts = [t for c in chunks for t in augment(c, 16)]
     assert len(chunks) == 2 and any(t.startswith("Q:") for t in texts)
     assert not any(tok.unk_token_id in tok(t)["input_ids"] for t in texts)  # the augmentations' words are known
+    # The world's own augmentations (what Active Reading writes): one entry per chunk, the chunk
+    # first, then reorderings, rewritten statements and QA pairs of exactly that chunk's facts.
+    augs = {a["id"]: a["augmentations"] for a in world.document_augmentations(12)}
+    assert [augs[c["id"]][0] for c in chunks] == [c["text"] for c in chunks]
+    for c in chunks:
+        facts = [q for q in qa if q["doc_id"] == "doc0" and q["statement"] in c["text"]]
+        assert len(facts) == 3 and len(augs[c["id"]]) == 12
+        assert all(t.count("Q:") == 3 for t in augs[c["id"]][3::3])
+        assert all(all(q["answer"] in t.split() for q in facts) for t in augs[c["id"]])
+        assert not any(tok.unk_token_id in tok(t)["input_ids"] for t in augs[c["id"]])
+    assert sum(len(c["text"].split("\n\n")) for c in docs) == len(augs) == 10
 
 
 def test_bad_sizes_are_refused():

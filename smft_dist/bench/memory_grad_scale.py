@@ -62,13 +62,14 @@ def step_terms(store: dict, table, selected: torch.Tensor, v_before: torch.Tenso
 
 
 def main(argv=None) -> int:
-    from smft_dist.continual.benchmark import MethodSweep, finetune_config, load_bench, load_continual_config
+    from smft_dist.continual.benchmark import MethodSweep, finetune_config, load_bench, load_continual_config, seed_dir
     from smft_dist.distributed import init_distributed
     from smft_dist.train.trainer import build_run
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the continual config the run was made with")
-    p.add_argument("--run", required=True, help="a finished continual run folder (data, background_index)")
+    p.add_argument("--run", required=True, help="a finished continual run folder (data, seed<s>/background_index)")
+    p.add_argument("--seed", type=int, default=0, help="its pretraining seed to start from")
     p.add_argument("--facts", type=int, default=20)
     p.add_argument("--top-t", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e4)
@@ -78,12 +79,14 @@ def main(argv=None) -> int:
     c = load_continual_config(args.config)
     run = Path(args.run)
     m = MethodSweep(name="sparse", method="sparse_memory", overrides=["optim.memory_optimizer=sgd", "selection.mode=tfidf"])
-    cfg = finetune_config(c, m, f"optim.memory_lr={args.lr} selection.top_t={args.top_t}", run)
+    cfg = finetune_config(c, "facts", m, f"optim.memory_lr={args.lr} selection.top_t={args.top_t}",
+                          seed_dir(run, args.seed))
     trainer = build_run(cfg, init_distributed(c.run.dist))
     (table,) = trainer.tables
     store: dict = {}
     _capture(table, store)
     bench = load_bench(c, run / "data")
+    facts = bench.tasks["facts"]
     from smft_dist.selection import tfidf
 
     chosen: dict = {}
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
 
     trainer_mod.select_for_model = remember
     steps = []
-    for batch in bench.fact_batches[:args.facts]:
+    for batch in facts.batches[:args.facts]:
         n_labels = int((batch["labels"][:, 1:] != -100).sum())
         trainer.train_step(batch)
         steps.append(step_terms(store, table, chosen["ids"], chosen["before"], n_labels, args.lr))

@@ -220,8 +220,10 @@ def write_synthetic(out: str | Path, world: SyntheticWorld, seq_len: int, overwr
         (tmp / "eval").mkdir()
         if world.n_docs:  # document QA: `smft-data docs` chunks and augments documents/new_documents.jsonl
             (tmp / "documents").mkdir()
-            with open(tmp / "documents" / "new_documents.jsonl", "w") as f:
-                f.writelines(json.dumps(d) + "\n" for d in world.new_documents())
+            for name, rows in (("new_documents", world.new_documents()),
+                               ("augmentations", world.document_augmentations(world.paraphrases))):
+                with open(tmp / "documents" / f"{name}.jsonl", "w") as f:
+                    f.writelines(json.dumps(d) + "\n" for d in rows)
         qa_sets = {"known_qa": world.known_qa(), "new_qa": world.new_qa(), **({"doc_qa": world.doc_qa()} if world.n_docs else {})}
         for name, qa in qa_sets.items():
             with open(tmp / "eval" / f"{name}.jsonl", "w") as f:
@@ -237,7 +239,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Writes OUT/{tokenizer, pretrain, background, heldout} (packed MDS), "
                                    "OUT/new_facts (one sample per paraphrase, fact order, column group = "
                                    "fact index), OUT/eval/{known_qa,new_qa,doc_qa}.jsonl and OUT/meta.json; "
-                                   "with --n-docs, OUT/documents/new_documents.jsonl for `smft-data docs`.")
+                                   "with --n-docs, OUT/documents/{new_documents,augmentations}.jsonl for `smft-data docs` "
+                                   "(--augmentations-file; one paragraph = one chunk at --chunk-tokens 40).")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--n-known", type=int, default=300)

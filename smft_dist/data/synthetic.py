@@ -250,24 +250,58 @@ class SyntheticWorld:
                     " ".join(w for w in (PREFIXES[j % len(PREFIXES)], f.qa_text()) if w) for j in range(self.qa_rewrites)]
         return out
 
-    def new_documents(self) -> list[dict]:
-        """Document QA (the paper's §5.2 analogue): one {"id", "text"} document per document person,
-        their facts as plain statements in random order, in two paragraphs (so `smft-data docs`
-        with a small --chunk-tokens makes two chunks of several facts each)."""
+    def _document_paragraphs(self) -> list[list[list[tuple[Fact, str]]]]:
+        """Per document person, two paragraphs of (fact, the sentence stating it): all six facts
+        as plain statements in random order. Every document view below derives from this."""
         rng = self._rng("document-texts")
         n_templates = len(next(iter(ATTRIBUTES.values()))[1])
-        docs = []
-        for k, facts in enumerate(self.doc_people):
-            sents = [f.statement(rng.randrange(n_templates), 0, 0) for f in facts]
-            rng.shuffle(sents)
-            half = len(sents) // 2
-            docs.append({"id": f"doc{k}", "text": " ".join(sents[:half]) + "\n\n" + " ".join(sents[half:])})
-        return docs
+        out = []
+        for facts in self.doc_people:
+            stated = [(f, f.statement(rng.randrange(n_templates), 0, 0)) for f in facts]
+            rng.shuffle(stated)
+            half = len(stated) // 2
+            out.append([stated[:half], stated[half:]])
+        return out
+
+    def new_documents(self) -> list[dict]:
+        """Document QA (the paper's §5.2 analogue): one {"id", "text"} document per document person,
+        in two paragraphs (so `smft-data docs` with a small --chunk-tokens makes one chunk of three
+        facts per paragraph, with ids "doc<k>#0" and "doc<k>#1")."""
+        return [{"id": f"doc{k}", "text": "\n\n".join(" ".join(s for _, s in para) for para in paras)}
+                for k, paras in enumerate(self._document_paragraphs())]
 
     def doc_qa(self) -> list[dict]:
-        """One QA pair per fact the documents state, with the id of its document."""
-        return [{**f.qa(), "id": f"doc{k}/{f.attribute}", "doc_id": f"doc{k}"}
-                for k, facts in enumerate(self.doc_people) for f in facts]
+        """One QA pair per fact the documents state, with its document id and the sentence that
+        states it (which chunk teaches the fact: the one whose text holds that sentence)."""
+        return [{**f.qa(), "id": f"doc{k}/{f.attribute}", "doc_id": f"doc{k}", "statement": s}
+                for k, paras in enumerate(self._document_paragraphs()) for para in paras for f, s in para]
+
+    def document_augmentations(self, n: int) -> list[dict]:
+        """{"id": "doc<k>#<p>", "augmentations": [n texts]} per paragraph, for `smft-data docs
+        --augmentations-file`: what Active Reading has a language model write, made from the world.
+        The first text is the paragraph itself; the others cycle through its sentences reordered
+        (behind a document prefix), its facts rewritten as other statements (other templates,
+        prefixes and suffixes) and its facts as question-answer pairs, each in a random order."""
+        from smft_dist.data.documents import PREFIXES as DOC_PREFIXES
+
+        rng = self._rng("document-augmentations")
+        grid = _paraphrase_grid()
+        out = []
+        for k, paras in enumerate(self._document_paragraphs()):
+            for p, para in enumerate(paras):
+                texts = [" ".join(s for _, s in para)]
+                while len(texts) < n:
+                    facts = rng.sample(para, len(para))
+                    kind = len(texts) % 3
+                    if kind == 1:
+                        body = [s for _, s in facts]
+                        texts.append(" ".join(w for w in (rng.choice(DOC_PREFIXES), *body) if w))
+                    elif kind == 2:
+                        texts.append(" ".join(f.statement(*rng.choice(grid)) for f, _ in facts))
+                    else:
+                        texts.append(" ".join(f.qa_text() for f, _ in facts))
+                out.append({"id": f"doc{k}#{p}", "augmentations": texts[:n]})
+        return out
 
     @staticmethod
     def vocabulary_texts(documents: bool = False) -> list[str]:
