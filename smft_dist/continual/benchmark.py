@@ -388,12 +388,15 @@ class Bench:
         return evaluate_qa(model, self.tokenizer, pairs, self.ev.qa_batch_size, self.ev.max_new_tokens)["f1"] \
             if pairs else 0.0
 
-    def evaluate(self, model, task: Task, n_learned: Optional[int] = None) -> dict:
-        """known-fact F1, F1 on the QA pairs of the first `n_learned` steps (all if None), held-out NLL."""
+    def heldout_nll(self, model) -> float:
         from smft_dist.eval.nll import heldout_nll
 
+        return heldout_nll(model, self.heldout_batches)["nll"]
+
+    def evaluate(self, model, task: Task, n_learned: Optional[int] = None) -> dict:
+        """known-fact F1, F1 on the QA pairs of the first `n_learned` steps (all if None), held-out NLL."""
         return {"learned_f1": self.qa_f1(model, task.learned_qa(n_learned)), "known_f1": self.qa_f1(model, self.known_qa),
-                "heldout_nll": heldout_nll(model, self.heldout_batches)["nll"]}
+                "heldout_nll": self.heldout_nll(model)}
 
 
 def fact_order(n: int, order: int, seed: int) -> List[int]:
@@ -500,14 +503,13 @@ def evaluate_pretrained(c: ContinualConfig, out: Path, bench: Bench, seed: int) 
     summary, before = {}, {}
     for init, path in inits.items():
         model, _ = load_checkpoint_model(path)
-        base = {"known_f1": bench.qa_f1(model, bench.known_qa),
-                "heldout_nll": bench.evaluate(model, bench.tasks["facts"], 0)["heldout_nll"]}
+        base = {"known_f1": bench.qa_f1(model, bench.known_qa), "heldout_nll": bench.heldout_nll(model)}
         before[init] = {name: {**base, "learned_f1": bench.qa_f1(model, t.learned_qa())} for name, t in bench.tasks.items()}
         summary[init] = {**base, **{f"{name}_f1": before[init][name]["learned_f1"] for name in bench.tasks}}
         if init == "memory":
             with memory_zeroed(model):
                 summary[init]["known_f1_memory_zeroed"] = bench.qa_f1(model, bench.known_qa)
-                summary[init]["heldout_nll_memory_zeroed"] = bench.evaluate(model, bench.tasks["facts"], 0)["heldout_nll"]
+                summary[init]["heldout_nll_memory_zeroed"] = bench.heldout_nll(model)
         if c.retrofit.enabled and init == "memory":
             summary[init]["mean_abs_gate"] = [p.detach().abs().mean().item() for n, p in model.named_parameters()
                                               if n.endswith("memory_gate")]
