@@ -7,7 +7,10 @@ the best learned F1 of the `target_method` sweep (full finetuning), and every me
 included, shows the setting that forgets least among those learning at least the target; a method
 none of whose settings reaches it shows its best-learning setting (ties: the one that forgets
 least), and the report says learning is not matched there. The rule is the same for every method;
-every setting is listed in the report and plotted in the task's Pareto plot.
+every setting is listed in the report and plotted in the task's Pareto plot. The targets of
+docs/design.md §5.4 are checked on the shown settings, except the first ones of fact learning (half
+the new facts, and full finetuning's best minus 0.05, within a 5% known-F1 drop), checked on the
+reference method's best-learning setting within that drop.
 
 Each setting is run from every pretraining seed over every order of the stream; the rule, the
 tables and the checks use the means over those runs, shown as mean ± sample std; report.json keeps
@@ -123,18 +126,31 @@ def checks(task: str, methods: dict, sweeps: dict, reference: str, pre: dict) ->
     out = []
     add = lambda text, ok: out.append({"claim": text, "status": "PASS" if ok else "FAIL"})  # noqa: E731
     ref = methods[reference]
+    # Fact learning's first targets are one operating point of the reference method: its best
+    # setting within the forgetting budget must learn half the new facts and as well as full
+    # finetuning's best minus 0.05. The comparisons with the other methods stay at matched learning.
+    lead, lead_name = ref, (f"{reference} (shown setting)" if task == "facts" else reference)
+    if task == "facts":
+        within = [r for r in sweeps[reference]["sweep"] if r["known_f1_drop_pct"] <= DROP_TARGET_PCT]
+        budget = max(within, key=lambda r: r["learned_f1"], default=None)
+        if budget is None:
+            add(f"{reference} has a setting within the forgetting budget: none keeps the known-F1 drop <= "
+                f"{DROP_TARGET_PCT:.0f}%", False)
+        else:
+            lead, lead_name = budget, f"{reference} within the forgetting budget"
+            out.append({"claim": f"{lead_name}: `{budget['setting']}`, its best-learning setting with a known-F1 drop "
+                                 f"<= {DROP_TARGET_PCT:.0f}%: learned F1 {budget['learned_f1']:.3f} at a "
+                                 f"{budget['known_f1_drop_pct']:.1f}% drop", "status": "INFO"})
+            add(f"{lead_name} learns at least half of the new facts: learned F1 {budget['learned_f1']:.3f} (needs >= "
+                f"{LEARNED_F1_TARGET})", budget["learned_f1"] >= LEARNED_F1_TARGET)
     fulls = [n for n, e in sweeps.items() if e["method"] == "full" and not e["ablation"]]
     if fulls:
         best_name, best = max(((n, max(r["learned_f1"] for r in sweeps[n]["sweep"])) for n in fulls), key=lambda x: x[1])
-        add(f"{reference} learns as well as full finetuning's best minus 0.05: learned F1 {ref['learned_f1']:.3f} vs "
-            f"{best:.3f} ({best_name}'s best setting)", ref["learned_f1"] >= best - 0.05)
+        add(f"{lead_name} learns as well as full finetuning's best minus 0.05: learned F1 {lead['learned_f1']:.3f} vs "
+            f"{best:.3f} ({best_name}'s best setting)", lead["learned_f1"] >= best - 0.05)
     if task == "facts":
-        add(f"{reference} learns at least half of the new facts: learned F1 {ref['learned_f1']:.3f} (needs >= "
-            f"{LEARNED_F1_TARGET})", ref["learned_f1"] >= LEARNED_F1_TARGET)
-        add(f"{reference} forgets little: known-fact F1 drop {ref['known_f1_drop_pct']:.1f}% (needs <= "
-            f"{DROP_TARGET_PCT:.0f}%)", ref["known_f1_drop_pct"] <= DROP_TARGET_PCT)
         d_nll = ref["heldout_nll_after"] - ref["heldout_nll_before"]
-        add(f"{reference} keeps held-out NLL: {ref['heldout_nll_before']:.3f} → {ref['heldout_nll_after']:.3f} "
+        add(f"{reference} keeps held-out NLL at matched learning: {ref['heldout_nll_before']:.3f} → {ref['heldout_nll_after']:.3f} "
             f"({d_nll:+.3f}, needs within {NLL_TOLERANCE})", abs(d_nll) <= NLL_TOLERANCE)
     for name, m in methods.items():
         if name == reference or m["ablation"]:
