@@ -39,7 +39,8 @@ def write_fact_batches(data, out) -> list[dict]:
 
 
 def finetune_args(data, facts, base, out, *extra):
-    # memory_lr 3e4: the demo's range (configs/demo/cpu.yaml); at this scale a smaller step barely moves an answer
+    # memory_lr 3e4 under the mean loss (docs/design.md §5.2 relates it to a per-token lr): at this
+    # scale a smaller step barely moves an answer
     return ["--config", "configs/tiny/finetune_sparse.yaml", *data_overrides(data), f"data.train={facts}",
             f"model.init_from={base}", f"out_dir={out}", f"data.batch_size={PER_FACT}", f"steps={N_FACTS}",
             "checkpoint.every=0", "selection.top_t=50", "optim.memory_lr=30000", *extra]
