@@ -122,7 +122,8 @@ def _tf_vs_tfidf(sweeps: dict, reference: str) -> list[dict]:
 
 
 def checks(task: str, methods: dict, sweeps: dict, reference: str, pre: dict) -> list[dict]:
-    """The issue's claims on this task's shown settings: {"claim", "status": PASS | FAIL | INFO}."""
+    """The issue's claims on this task's shown settings (the fact-learning level at the reference's
+    best setting within the forgetting budget): [{"claim", "status": PASS | FAIL | INFO}]."""
     out = []
     add = lambda text, ok: out.append({"claim": text, "status": "PASS" if ok else "FAIL"})  # noqa: E731
     ref = methods[reference]
