@@ -133,7 +133,7 @@ def checks(task: str, methods: dict, sweeps: dict, reference: str, pre: dict) ->
     lead, lead_name = ref, (f"{reference} (shown setting)" if task == "facts" else reference)
     if task == "facts":
         within = [r for r in sweeps[reference]["sweep"] if r["known_f1_drop_pct"] <= DROP_TARGET_PCT]
-        budget = max(within, key=lambda r: r["learned_f1"], default=None)
+        budget = within[_best_learning(within)] if within else None
         if budget is None:
             add(f"{reference} has a setting within the forgetting budget: none keeps the known-F1 drop <= "
                 f"{DROP_TARGET_PCT:.0f}%", False)
