@@ -86,10 +86,11 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine
     grad_clip: float = 1.0
     memory_lr: float = 1e-3  # memory values: row-sparse AdamW (pretrain/full) or MaskedSGD lr
-    # mean: memory_lr applies to the gradient of the loss averaged over the global batch's label tokens
-    # (as for the dense weights); per_token: of the loss summed over them, so an SGD lr does not
-    # shrink with batch x sequence length (docs/design.md §5.2)
-    memory_lr_scale: str = "mean"
+    # per_token: memory_lr applies to the gradient of the loss summed over the global batch's label
+    # tokens, the units of the paper's SGD lr 2-5: an lr does not shrink with batch x sequence length;
+    # mean: of the loss averaged over them (as for the dense weights), lr x label tokens for the same
+    # SGD step, under which lr 2 moves a 64 x 64-token batch's rows by ~1e-4 of their norm (docs/design.md §5.2)
+    memory_lr_scale: str = "per_token"
     train_dense: bool = True  # pretrain/full: False trains only the memory layers (and add-mode gates)
     memory_optimizer: str = "sgd"  # sparse-memory finetuning: sgd | adamw (ablation)
     momentum: float = 0.0
@@ -134,6 +135,8 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | <path>
     keep: int = 2
     fallback: bool = False  # resume=auto: when the latest step is damaged, resume from the newest intact one
+    # resume a checkpoint whose run was trained under different training keys (train.loop.TRAINING_SECTIONS)
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -252,10 +255,30 @@ def load_config(path: Optional[str | os.PathLike | List[str | os.PathLike]] = No
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. optim.lr=2)")
-        cfg = _merge_into(cfg, OmegaConf.from_dotlist(list(overrides)), "command-line override")
+        cfg = _merge_into(cfg, _lists_from_bare_values(cfg, OmegaConf.from_dotlist(list(overrides))),
+                          "command-line override")
     run: RunConfig = OmegaConf.to_object(cfg)
     validate(run)
     return run
+
+
+def _lists_from_bare_values(schema, node):
+    """Overrides of list keys without brackets: `eval.qa=a.jsonl` means [a.jsonl], `eval.qa=` the
+    empty list; any other bare value (`model.memory_layers=2`) fails saying how to write a list."""
+    from omegaconf import OmegaConf
+
+    def leaves(n, prefix=""):
+        for k, v in n.items():
+            yield from leaves(v, f"{prefix}{k}.") if OmegaConf.is_dict(v) else [(f"{prefix}{k}", v)]
+
+    for key, value in list(leaves(node)):
+        if not OmegaConf.is_list(OmegaConf.select(schema, key, default=None)) or OmegaConf.is_list(value):
+            continue
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"command-line override {key}={value}: {key} is a list: write {key}=[{value}] "
+                              f"(several values: {key}=[a,b])")
+        OmegaConf.update(node, key, [value] if value else [], merge=False)
+    return node
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
@@ -335,6 +358,15 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(
             f"dist.zero_stage={d.zero_stage}: only ZeRO 0/1/2 are supported (stage 3 would gather the memory table)"
         )
+    # Runs whose dense weights train hand them to DeepSpeed (sparse memory finetuning runs the plain engine).
+    deepspeed_trains = d.engine == "deepspeed" and (cfg.mode == "pretrain" or
+                                                    (cfg.mode == "finetune" and cfg.method != "sparse_memory"))
+    if deepspeed_trains and d.zero_stage == 0 and cfg.precision == "bf16":
+        raise ConfigError(
+            "dist.engine=deepspeed with dist.zero_stage=0 and precision=bf16 is not supported (on any device): "
+            "DeepSpeed wraps the optimizer in its FP16_UnfusedOptimizer there, which takes one AdamW step with zero "
+            "gradients at start-up (every later update gets the wrong bias correction, the first is ~0.7x, and "
+            "weight decay is applied once before training): use dist.zero_stage=1 or 2, or precision=fp32")
     slots = m.memory_n_keys**2
     if world_size is not None:
         mp = d.mp or world_size // d.dp_replicate
@@ -382,16 +414,23 @@ def check_paths(cfg: RunConfig) -> None:
         if must_hold == "index.json" and mds_samples(p / must_hold) == 0:
             raise ConfigError(f"{k}={path} holds no samples: check what wrote it")
         if k == key:
-            _check_seq_len(cfg, key, p)
+            _check_written_data(cfg, key, p)
 
 
-def _check_seq_len(cfg: RunConfig, key: str, folder: Path) -> None:
-    """data.seq_len is the sample length the data was written at, where `smft-data` recorded it
-    (`smft_data.json` beside index.json)."""
+def _check_written_data(cfg: RunConfig, key: str, folder: Path) -> None:
+    """data.seq_len is the sample length the data was written at, and every token id the data may
+    hold (below the vocab_size it was written for) is below model.vocab_size, where `smft-data`
+    recorded them (`smft_data.json` beside index.json)."""
     try:
-        written = json.loads((folder / "smft_data.json").read_text()).get("seq_len")
+        info = json.loads((folder / "smft_data.json").read_text())
     except (OSError, ValueError):
         return
+    vocab = info.get("vocab_size")
+    if vocab is not None and vocab > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} but {key}={folder} was written for a vocabulary "
+                          f"of {vocab} tokens (its smft_data.json; tokenizer {info.get('tokenizer')}): set "
+                          f"model.vocab_size={vocab} (or more), or rewrite the data with the model's tokenizer")
+    written = info.get("seq_len")
     if written is not None and written != cfg.data.seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} but {key}={folder} holds samples of {written} tokens "
                           f"(its smft_data.json): set data.seq_len={written}, or rewrite the data with "

@@ -7,9 +7,10 @@ import torch
 
 from smft_dist.data.cli import main
 from smft_dist.data.loader import DataError, build_dataloader, forever
-from smft_dist.data.mds import atomic_dir, write_mds
+from smft_dist.data.mds import write_mds
 from smft_dist.data.tokenizer import load_tokenizer
 from smft_dist.eval.qa import load_qa_jsonl
+from smft_dist.io import atomic_dir
 from tests.dist.helpers import run_ranks
 
 SEQ = 32
@@ -36,7 +37,7 @@ def _numbered(folder, n, offset=0):
 
 def test_synthetic_cli_layout_and_schema(syn):
     meta = json.loads((syn / "meta.json").read_text())
-    assert meta["new_facts"] == {"samples": 3 * 64, "tokens": meta["new_facts"]["tokens"], "dropped": 0}
+    assert meta["new_facts"] == {"samples": 3 * 64, "tokens": meta["new_facts"]["tokens"], "dropped": 0, "unknown": 0}
     assert sorted(p.name for p in syn.iterdir()) == ["background", "eval", "heldout", "meta.json", "new_facts",
                                                     "pretrain", "tokenizer"]
     assert not list(syn.parent.glob(".*tmp*")), "no temporary folder left behind"

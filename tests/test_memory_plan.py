@@ -1,6 +1,6 @@
 """`smft-inspect --plan`: its parameter-derived figures equal the bytes of real tensors built on the
 meta device (the model, PEFT's adapters, AdamW's state after a step, the memory shard and its
-optimizer's row state), and the paper model's plan fits an 80 GB GPU."""
+optimizer's row state and its growth), and the paper model's plan fits an 80 GB GPU."""
 import json
 import math
 
@@ -13,6 +13,7 @@ from smft_dist.memory.values import DTYPES, ValueTable
 from smft_dist.model.memory_plan import build_meta_model, memory_plan
 from smft_dist.optim import RowSparseAdamW, build_memory_optimizer
 from tests.conftest import ROOT
+from tests.test_row_state import PeakBytes
 
 WORLD = MP = 4
 
@@ -55,7 +56,8 @@ def measured(cfg) -> dict:
         state = nbytes(t for s in opt.state.values() for k, t in s.items() if k != "step")
         state += nbytes(trainable) if ds_bf16 else 0  # DeepSpeed's fp32 master weights
     out["dense_optimizer"] = math.ceil(state / (WORLD if fsdp or zero >= 1 else 1))
-    # rank 0's memory shard (the largest) and its optimizer's row state, allocated for every row it may update
+    # rank 0's memory shard (the largest) and its optimizer's row state, grown one row at a time
+    # to every row it may update (the path whose last growth starts from the largest old capacity)
     N, D = cfg.model.memory_n_keys ** 2, cfg.model.memory_value_dim
     table = ValueTable(N, D, *RowShardPlan(N, MP).bounds(0), dtype=DTYPES[cfg.model.memory_value_dtype],
                        device="meta")
@@ -63,21 +65,27 @@ def measured(cfg) -> dict:
     rows = table.row_end - table.row_start
     opt = build_memory_optimizer([table], cfg.optim) if sparse else RowSparseAdamW([table], 1e-3)
     row_state = opt.states[0]
-    out["memory_optimizer"] = 0
+    out["memory_optimizer"] = out["memory_optimizer_growth"] = 0
     if row_state.specs and not lora:  # LoRA freezes the memory
-        row_state._reserve(min(rows, cfg.steps * cfg.selection.top_t) if sparse else rows)
-        out["memory_optimizer"] = nbytes([*row_state._bufs.values(), row_state._rows_S]) + rows * 4  # + slot map
+        peak = PeakBytes(row_state)
+        for n in range(1, (min(rows, cfg.steps * cfg.selection.top_t) if sparse else rows) + 1):
+            row_state._reserve(n)
+        kept = nbytes([*row_state._bufs.values(), row_state._rows_S])
+        out["memory_optimizer"] = kept + rows * 4  # + the slot map
+        out["memory_optimizer_growth"] = peak.peak - kept
     return out
 
 
 @pytest.mark.parametrize("overrides", [
     ["mode=pretrain", "dist.engine=deepspeed", "dist.zero_stage=1", "precision=bf16", "model.memory_value_dtype=bfloat16"],
     ["mode=pretrain", "dist.engine=fsdp2", "precision=bf16"],
+    ["mode=pretrain", "dist.engine=deepspeed", "dist.zero_stage=1", "model.memory_n_keys=100"],
     ["mode=finetune", "method=full", "dist.engine=deepspeed", "dist.zero_stage=2"],
     ["mode=finetune", "method=lora", "dist.engine=deepspeed", "dist.zero_stage=2", "precision=bf16"],
     ["mode=finetune", "method=sparse_memory", "model.memory_value_dtype=bfloat16", "optim.momentum=0.9", "steps=3",
      "selection.top_t=100"],
-], ids=["pretrain-zero1-bf16", "pretrain-fsdp2", "full-zero2", "lora-zero2", "sparse-bf16-momentum"])
+], ids=["pretrain-zero1-bf16", "pretrain-fsdp2", "pretrain-2500-row-shard", "full-zero2", "lora-zero2",
+        "sparse-bf16-momentum"])
 def test_plan_parts_equal_meta_tensor_bytes(overrides):
     cfg = load_config(ROOT / "configs/model/tiny.yaml", overrides)
     plan = memory_plan(cfg, WORLD, MP)

@@ -18,11 +18,14 @@ PER_FACT = 16  # 12 paraphrases + 4 copies of the QA pair = one batch: one step 
 
 def write_fact_batches(data, out) -> list[dict]:
     """MDS with one batch of PER_FACT samples per new fact (column group = fact id), in fact
-    order, with the tiny benchmark's tokenizer; -> the facts' QA pairs."""
+    order, with the tiny benchmark's tokenizer; -> the N_FACTS batches written, collated as the
+    trainer reads them (input_ids, attention_mask, labels: PER_FACT x 32; group: PER_FACT)."""
     from transformers import AutoTokenizer
 
-    from smft_dist.data.mds import Encoder, WriteStats, atomic_dir, example_samples, write_mds
+    from smft_dist.data.loader import collate
+    from smft_dist.data.mds import Encoder, WriteStats, example_samples, write_mds
     from smft_dist.data.synthetic import SyntheticWorld
+    from smft_dist.io import atomic_dir
 
     world = SyntheticWorld(seed=1, n_known=6, n_new=N_FACTS, paraphrases=12, pretrain_docs=10, background_docs=1,
                            heldout_docs=1)
@@ -33,26 +36,28 @@ def write_fact_batches(data, out) -> list[dict]:
             PER_FACT - len(statements))
         groups.append(records)
     enc = Encoder(AutoTokenizer.from_pretrained(str(data / "tokenizer")), 32)
+    samples = list(example_samples(enc, groups, WriteStats()))
     with atomic_dir(out) as tmp:
-        write_mds(tmp, example_samples(enc, groups, WriteStats()), grouped=True)
-    return world.new_qa()
+        write_mds(tmp, samples, grouped=True)
+    return [collate(samples[i * PER_FACT:(i + 1) * PER_FACT]) for i in range(N_FACTS)]
 
 
 def finetune_args(data, facts, base, out, *extra):
-    # memory_lr 3e4 under the mean loss (docs/design.md §5.2 relates it to a per-token lr): at this
-    # scale a smaller step barely moves an answer
+    # memory_lr 3e4 under the mean loss (memory_lr_scale=mean; docs/design.md §5.2 relates it to a
+    # per-token lr): fact 4's step lowers its own batch's loss by 0.17, 3.9x any other fact's change;
+    # at 3e3 by 0.017, at 1e5 by less than it moves another fact's (test_learn_ten_facts_and_revert_fact_k)
     return ["--config", "configs/tiny/finetune_sparse.yaml", *data_overrides(data), f"data.train={facts}",
             f"model.init_from={base}", f"out_dir={out}", f"data.batch_size={PER_FACT}", f"steps={N_FACTS}",
-            "checkpoint.every=0", "selection.top_t=50", "optim.memory_lr=30000", *extra]
+            "checkpoint.every=0", "selection.top_t=50", "optim.memory_lr=30000", "optim.memory_lr_scale=mean", *extra]
 
 
 @pytest.fixture(scope="module")
 def learned(tiny_data, patch_base_model, tmp_path_factory):
-    """-> (run dir, QA pairs): the 10 facts learned one step each from `patch_base_model`."""
+    """-> (run dir, the facts' batches): the 10 facts learned one step each from `patch_base_model`."""
     root = tmp_path_factory.mktemp("patch")
-    qa = write_fact_batches(tiny_data, root / "facts")
+    batches = write_fact_batches(tiny_data, root / "facts")
     run_cli([PY, "launchers/train.py", *finetune_args(tiny_data, root / "facts", patch_base_model, root / "run")])
-    return root / "run", qa
+    return root / "run", batches
 
 
 def memory(step_dir):
@@ -123,29 +128,52 @@ def test_wrong_base_is_refused_naming_the_rows(learned, patch_base_model, tmp_pa
     torch.testing.assert_close(memory(step_dir)[row], base[row] + 1.0)
 
 
-def answer_nll(model, tok, qa_pairs) -> list[float]:
-    """Teacher-forced NLL of each answer after its QA prompt."""
-    out = []
+def batch_losses(model, batches) -> list[float]:
+    """Each batch's loss as the finetune step took it: the mean NLL of its label tokens."""
     with torch.no_grad():
-        for qa in qa_pairs:
-            prompt = tok(qa["prompt"], add_special_tokens=False)["input_ids"]
-            answer = tok(" " + qa["answer"], add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([[tok.bos_token_id] + prompt + answer])
-            labels = torch.full_like(ids, -100)
-            labels[0, -len(answer):] = ids[0, -len(answer):]
-            out.append(model(input_ids=ids, labels=labels).loss.item())
-    return out
+        return [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss.item()
+                for b in batches]
 
 
-def test_learn_ten_facts_and_revert_fact_k(learned, patch_base_model, tiny_data, tmp_path):
-    from transformers import AutoTokenizer
+def change_of(k, before, after) -> tuple[float, float]:
+    """-> (fact k's loss change after - before, the largest |change| of any other fact's loss)."""
+    return after[k] - before[k], max(abs(a - b) for j, (b, a) in enumerate(zip(before, after)) if j != k)
 
-    from smft_dist.eval.qa import evaluate_qa
+
+# What this test claims, for fact k = 4 (learned by step k + 1):
+# 1. the full run's revert of fact k (command line): the rows only fact k wrote return to their
+#    base bitwise, the rows it shares only with earlier facts to their value before step k + 1,
+#    no other row moves, and the overlaps reported are exactly the rows later facts also wrote;
+# 2. step-local, exactly: on the model that learned facts 0..k-1 (base + steps 1..k), fact k's step
+#    lowers the loss of fact k's own batch (the batch the ledger hashed) more than twice as much as
+#    it moves any other fact's; reverting that step of the patch of facts 0..k returns the memory
+#    to the model before it bitwise, and so every fact's loss to exactly its value before;
+# 3. at the end of the stream: the full run's revert of fact k raises fact k's batch loss more
+#    than twice as much as it moves any other fact's.
+# "Twice": a step that only shifts every loss alike (as the answer pattern below) moves each fact's
+# loss about as much as fact k's (ratio ~1); learning fact k is a change of its own loss well above
+# the others'. Measured here (2-core CPU, memory_lr 3e4, top_t 50): 2. fact 4's batch loss 4.618 ->
+# 4.445 (-0.174), the other facts' largest |change| 0.045: 3.9x (0.084 nats above the 2x bar);
+# reverted: 4.618 exactly. 3. the revert raises fact 4's loss 4.441 -> 4.579 (+0.138), the others'
+# largest |change| 0.043: 3.2x (0.052 nats above the bar). (k = 4 was this test's fact before; over
+# k = 0..9 the step-local ratio spans 0.7 (k = 3) to 8.4: not every fact's step is this specific.)
+# The test used to claim that the finetune lowers fact k's ANSWER NLL (its QA prompt -> answer) by
+# 0.1 and the revert raises it back. At this scale one step stores no answer of its own: fact 4's
+# answer NLL falls 0.04 over the 10 steps (8.02 -> 7.98) and 0.003 in its own step; with
+# memory_lr 3e2..1e6 the fall stays within -0.02..0.04 (three passes over the facts: 0.03); with
+# top_t 100-500 one step writes a general answer pattern that lowers every fact's answer by 2.1-2.5
+# and reverting fact 4 moves its answer NLL by 0.00 (later steps rewrote those rows). Each step
+# lowers its batch's loss through the statements (12 of its 16 records), not the QA answer.
+def test_learn_ten_facts_and_revert_fact_k(learned, patch_base_model, tmp_path):
+    from smft_dist.patch.apply import live_target
+    from smft_dist.patch.ledger import batch_identity
     from smft_dist.train.export import load_checkpoint_model
 
-    run, qa = learned
+    run, batches = learned
     k = 4
     patch = export_patch(run)
+    assert [batch_identity(b) for b in batches] == [(s.groups, s.batch_sha256[0]) for s in patch.steps]
+    # 1. the full run's revert of fact k, through the command line
     patch.save(tmp_path / "all.smftpatch")
     r = run_cli([PY, "-m", "smft_dist.patch.cli", "revert", str(tmp_path / "all.smftpatch"), str(run / "checkpoints"),
                  "--groups", str(k), "--out", str(tmp_path / "reverted")])
@@ -177,24 +205,26 @@ def test_learn_ten_facts_and_revert_fact_k(learned, patch_base_model, tiny_data,
     assert torch.equal(memory(latest_dir(tmp_path / "again")), reverted)
     assert ("overlap:" in r.stdout) == bool(shared_later)
 
-    tok = AutoTokenizer.from_pretrained(str(tiny_data / "tokenizer"))
-    models = {name: load_checkpoint_model(p)[0].eval() for name, p in
-              (("base", patch_base_model), ("learned", run / "checkpoints"), ("reverted", tmp_path / "reverted"))}
-    nll = {name: answer_nll(m, tok, qa) for name, m in models.items()}
-    f1 = {name: [p["f1"] for p in sorted(evaluate_qa(m, tok, qa, max_new_tokens=3)["predictions"],
-                                         key=lambda p: p["index"])] for name, m in models.items()}
-    print({name: [round(x, 2) for x in v] for name, v in nll.items()}, f1)
-    assert nll["learned"][k] < nll["base"][k] - 0.1  # the finetune learned fact k's answer ...
-    assert nll["reverted"][k] > nll["learned"][k] + 0.1  # ... and the revert takes it back out
-    if shared_later:
-        print(f"fact {k}: {len(shared_later)} rows shared with later facts keep part of it: {shared_later}")
-    else:
-        assert f1["reverted"][k] == f1["base"][k]
-    for j in range(N_FACTS):  # the other facts' answers stay, unless they share rows with fact k
-        rows_j = set().union(*(set(s.layers["layer2"].ids.tolist()) for s in patch.steps if j in s.groups))
-        if j != k and abs(nll["reverted"][j] - nll["learned"][j]) > 0.02:
-            assert rows_j & rows_k, (j, nll["reverted"][j], nll["learned"][j])
-            print(f"fact {j} shares rows {sorted(rows_j & rows_k)} with fact {k}: its answer moved")
+    # 2. step-local, on a live model: base + steps 1..k, then fact k's step, then its revert
+    model = load_checkpoint_model(patch_base_model)[0].eval()
+    table = model.memory_layers()[0].values.weight
+    apply_patch(patch.select(steps=range(1, k + 1)), live_target(model))
+    before, before_rows = batch_losses(model, batches), table.detach().clone()
+    apply_patch(patch.select(steps=[k + 1]), live_target(model))
+    after = batch_losses(model, batches)
+    report = revert_steps(patch.select(steps=range(1, k + 2)), live_target(model), step_k)
+    assert report.overlaps == [] and report.restored == {"layer2": len(rows_k)}
+    assert torch.equal(table, before_rows) and batch_losses(model, batches) == before
+    learned_k, others = change_of(k, before, after)
+    print(f"step {k + 1}: fact {k}'s batch loss {before[k]:.3f} -> {after[k]:.3f}, others' largest change {others:.3f}")
+    assert -learned_k > 2 * others, (before, after)
+    # 3. the end of the stream: the checkpoint the command line reverted
+    end = {name: batch_losses(load_checkpoint_model(path)[0].eval(), batches)
+           for name, path in (("learned", run / "checkpoints"), ("reverted", tmp_path / "reverted"))}
+    unlearned_k, others = change_of(k, end["learned"], end["reverted"])
+    print(f"revert of fact {k}: its batch loss {end['learned'][k]:.3f} -> {end['reverted'][k]:.3f}, "
+          f"others' largest change {others:.3f}")
+    assert unlearned_k > 2 * others, end
 
 
 KILL_AT_STEP_4 = """

@@ -149,7 +149,7 @@ def test_retrofit_pretrain_index_finetune_on_two_ranks_then_export(dense_dir, ti
     run_cli([*stage("background_index"), "selection.background_batches=4",
              f"model.init_from={tmp_path}/cpt/checkpoints", f"out_dir={tmp_path}/bg"])
     run_cli([*stage("finetune_sparse"), "steps=3", "selection.top_t=20",
-             "optim.memory_lr=50", f"model.init_from={tmp_path}/bg/checkpoints", f"data.train={tiny_data}/new_facts",
+             "optim.memory_lr=50", "optim.memory_lr_scale=mean", f"model.init_from={tmp_path}/bg/checkpoints", f"data.train={tiny_data}/new_facts",
              "data.batch_size=32", f"out_dir={tmp_path}/ft"])  # 32 x 2 ranks = one fact's 64 paraphrases per step
 
     src = load_file(str(dense_dir / "model.safetensors"))

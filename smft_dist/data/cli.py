@@ -26,13 +26,14 @@ from pathlib import Path
 
 from smft_dist.data.documents import augment, load_augmentations, split_chunks
 from smft_dist.data.loader import DataError
-from smft_dist.data.mds import (Encoder, WriteStats, atomic_dir, example_samples, merge_parts, packed_samples,
-                                write_info, write_mds)
+from smft_dist.data.mds import (Encoder, WriteStats, example_samples, merge_parts, packed_samples, write_info,
+                                write_mds)
 from smft_dist.data.real import fact_statements, load_paraphrases, qa_rows
 from smft_dist.data.sources import check_inputs, read_rows
 from smft_dist.data.synthetic import SyntheticWorld
 from smft_dist.data.tokenizer import load_tokenizer, special_token_ids, train_word_tokenizer
 from smft_dist.errors import console_script
+from smft_dist.io import atomic_dir
 
 
 def normalise(where: str, row: dict) -> dict:
@@ -55,10 +56,23 @@ def _info(tokenizer: str | Path, enc: Encoder, layout: str, stats: WriteStats, *
             "vocab_size": enc.vocab_size, **special_token_ids(enc.tokenizer), **vars(stats), **extra}
 
 
-def _report_dropped(stats: WriteStats, what: str) -> None:
+UNKNOWN_WARN_FRACTION = 0.02  # above this share of unknown tokens the tokenizer does not cover the text
+
+
+def _report(stats: WriteStats, enc: Encoder, what: str, dropped_ids: list | None = None) -> None:
+    """Warnings on stderr: groups dropped by --on-long drop (their ids, when known: the first few
+    here, all of them in smft_data.json's `dropped_ids`), and text the tokenizer does not cover."""
     if stats.dropped:
-        print(f"smft-data: warning: dropped {stats.dropped} {what} longer than --seq-len (--on-long drop)",
-              file=sys.stderr)
+        named = ""
+        if dropped_ids:
+            shown = ", ".join(map(repr, dropped_ids[:5])) + (", ..." if len(dropped_ids) > 5 else "")
+            named = f": ids {shown} (all in smft_data.json, dropped_ids)"
+        print(f"smft-data: warning: dropped {stats.dropped} {what} longer than --seq-len (--on-long drop){named}; "
+              f"raise --seq-len to keep them", file=sys.stderr)
+    if stats.tokens and stats.unknown > UNKNOWN_WARN_FRACTION * stats.tokens:
+        print(f"smft-data: warning: {100 * stats.unknown / stats.tokens:.1f}% of the tokens written ({stats.unknown} "
+              f"of {stats.tokens}) are the tokenizer's unknown token {enc.tokenizer.unk_token!r}: the tokenizer does "
+              f"not cover this text; pass the model's own tokenizer (--tokenizer)", file=sys.stderr)
 
 
 def _convert_part(args, k: int, n: int, out: Path, remote: str | None) -> dict:
@@ -107,17 +121,17 @@ def convert(args) -> dict:
         result = _info(args.tokenizer, enc, "packed" if args.packed else "examples", stats, workers=args.workers,
                        seconds=round(seconds, 3), tokens_per_s=round(stats.tokens / seconds, 1))
         write_info(tmp, **result)
-    _report_dropped(stats, "examples")
+    _report(stats, enc, "examples")
     return result
 
 
-def _write_groups(args, tmp: Path, enc: Encoder, groups: list[list[dict]], what: str) -> WriteStats:
-    """The grouped MDS of `facts`/`docs` into tmp/train, one group after the other."""
+def _write_groups(args, tmp: Path, enc: Encoder, groups: list[list[dict]], what: str) -> tuple[WriteStats, list[int]]:
+    """The grouped MDS of `facts`/`docs` into tmp/train, one group after the other -> (stats, the
+    indices of the groups written: the group id written for groups[kept[k]] is k)."""
     stats = WriteStats()
     (tmp / "train").mkdir()
     write_mds(tmp / "train", example_samples(enc, groups, stats, args.on_long), grouped=True, progress=what)
-    _report_dropped(stats, what)
-    return stats
+    return stats, [g for g, group in enumerate(groups) if not group[0].get("dropped")]
 
 
 def _texts_per_group(items: list[dict], n: int, user: dict | None, make, what: str, flag: str) -> list[list[str]]:
@@ -150,20 +164,18 @@ def facts(args) -> dict:
     groups = [[{"where": f"{q['source']} (fact {q['id']!r}, paraphrase {j})", "text": t, "group": g}
                for j, t in enumerate(ts)] for g, (q, ts) in enumerate(zip(qa, texts))]
     with atomic_dir(args.out, args.overwrite) as tmp:
-        stats = _write_groups(args, tmp, enc, groups, "facts")
-        kept = _kept(groups)
+        stats, kept = _write_groups(args, tmp, enc, groups, "facts")
         with open(tmp / "qa.jsonl", "w") as f:  # evaluation: the facts that were written, every answer
-            f.writelines(json.dumps(dict(qa[g], group=g)) + "\n" for g in kept)
+            f.writelines(json.dumps(dict(qa[g], group=k)) + "\n" for k, g in enumerate(kept))
         with open(tmp / "statements.jsonl", "w") as f:
-            f.writelines(json.dumps({"id": qa[g]["id"], "group": g, "paraphrases": texts[g]}) + "\n" for g in kept)
-        info = _info(args.tokenizer, enc, "facts", stats, groups=len(kept), paraphrases=args.paraphrases)
+            f.writelines(json.dumps({"id": qa[g]["id"], "group": k, "paraphrases": texts[g]}) + "\n"
+                         for k, g in enumerate(kept))
+        dropped_ids = [q["id"] for q, group in zip(qa, groups) if group[0].get("dropped")]
+        info = _info(args.tokenizer, enc, "facts", stats, groups=len(kept), paraphrases=args.paraphrases,
+                     dropped_ids=dropped_ids)
         write_info(tmp / "train", **info)
+    _report(stats, enc, "facts", dropped_ids)
     return info
-
-
-def _kept(groups: list[list[dict]]) -> list[int]:
-    """Indices of the groups that were written (not dropped by --on-long drop)."""
-    return [g for g, group in enumerate(groups) if not group[0].get("dropped")]
 
 
 def docs(args) -> dict:
@@ -183,13 +195,15 @@ def docs(args) -> dict:
     groups = [[{"where": f"chunk {c['id']!r} augmentation {j}", "text": t, "group": g} for j, t in enumerate(ts)]
               for g, (c, ts) in enumerate(zip(chunks, texts))]
     with atomic_dir(args.out, args.overwrite) as tmp:
-        stats = _write_groups(args, tmp, enc, groups, "chunks")
-        kept = _kept(groups)
+        stats, kept = _write_groups(args, tmp, enc, groups, "chunks")
         with open(tmp / "chunks.jsonl", "w") as f:
-            f.writelines(json.dumps(dict(chunks[g], group=g, augmentations=texts[g])) + "\n" for g in kept)
+            f.writelines(json.dumps(dict(chunks[g], group=k, augmentations=texts[g])) + "\n"
+                         for k, g in enumerate(kept))
+        dropped_ids = [c["id"] for c, group in zip(chunks, groups) if group[0].get("dropped")]
         info = _info(args.tokenizer, enc, "docs", stats, groups=len(kept), augmentations=args.augmentations,
-                     chunk_tokens=args.chunk_tokens)
+                     chunk_tokens=args.chunk_tokens, dropped_ids=dropped_ids)
         write_info(tmp / "train", **info)
+    _report(stats, enc, "chunks", dropped_ids)
     return info
 
 
@@ -300,7 +314,7 @@ def _writing(p: argparse.ArgumentParser, seq_len: int) -> None:
                                                   "(default: the tokenizer's size)")
     p.add_argument("--on-long", choices=("error", "drop"), default="error",
                    help="an example longer than --seq-len: fail naming it (default), or drop it (its whole "
-                        "group) with a warning that counts them")
+                        "group) with a warning naming them (all their ids in smft_data.json)")
     p.add_argument("--overwrite", action="store_true")
 
 

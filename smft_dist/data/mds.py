@@ -19,11 +19,8 @@ Every token id is checked against the model's vocab_size while writing (`Encoder
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -42,11 +39,13 @@ class WriteStats:
     samples: int = 0
     tokens: int = 0  # non-padding tokens
     dropped: int = 0  # groups (examples) dropped for being longer than seq_len (--on-long drop)
+    unknown: int = 0  # tokens written that are the tokenizer's unknown token (text it does not cover)
 
 
 class Encoder:
     """Tokenizes texts and checks every id against the model's `vocab_size` (default: the
-    tokenizer's size), naming the offending text. bos/eos/pad come from the tokenizer."""
+    tokenizer's size), naming the offending text. bos/eos/pad come from the tokenizer; `unk` is
+    its unknown token's id, None when it has none (byte-level BPE) or it doubles as bos/eos/pad."""
 
     def __init__(self, tokenizer, seq_len: int, vocab_size: int | None = None):
         self.tokenizer, self.seq_len = tokenizer, seq_len
@@ -59,6 +58,8 @@ class Encoder:
                 raise DataError(f"the tokenizer's {name} id {i} >= vocab_size {self.vocab_size}: use the model's "
                                 f"tokenizer or a model with a larger vocab_size")
         self.head = [self.bos] if self.bos is not None else []
+        unk = getattr(tokenizer, "unk_token_id", None)
+        self.unk = unk if unk not in (self.bos, self.eos, self.pad) else None
 
     def ids(self, texts: list[str], wheres: list[str]) -> list[list[int]]:
         out = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
@@ -103,11 +104,13 @@ def packed_samples(enc: Encoder, texts: Iterable[tuple[str, str]], stats: WriteS
         while len(buf) >= L:
             stats.samples += 1
             stats.tokens += L
+            stats.unknown += buf[:L].count(enc.unk)
             yield _sample(buf[:L], [1] * L, L, enc.pad, None)
             buf = buf[L:]
     if buf:  # the tail, padded
         stats.samples += 1
         stats.tokens += len(buf)
+        stats.unknown += buf.count(enc.unk)
         yield _sample(buf, [1] * len(buf), L, enc.pad, None)
 
 
@@ -115,13 +118,16 @@ def example_samples(enc: Encoder, groups: Iterable[list[dict]], stats: WriteStat
                     chunk: int = 4096) -> Iterator[dict]:
     """One right-padded sample per record, group after group. A record is {"where", "text"} (loss
     on every token) or {"where", "prompt", "completion"} (loss on the completion and `</s>`), with
-    an optional int "group". An example longer than `seq_len` is never cut (a cut statement or
-    answer trains on nothing useful): `on_long="error"` raises naming it and the length it needs,
-    `"drop"` drops its whole group, counts it in `stats.dropped` and marks its records
-    `"dropped": True`."""
+    an optional "group" (any value: it marks grouped records). An example longer than `seq_len` is
+    never cut (a cut statement or answer trains on nothing useful): `on_long="error"` raises naming
+    it and the length it needs, `"drop"` drops its whole group, counts it in `stats.dropped` and
+    marks its records `"dropped": True`. The `group` column written numbers the groups written
+    0, 1, 2, ... in order: a dropped group takes no id, so group k is still the (k+1)-th fact a
+    one-group-per-step finetune learns (`smft-patch --groups k` is its step k+1)."""
     if on_long not in ("error", "drop"):
         raise ValueError(f"on_long={on_long!r}: use 'error' or 'drop'")
     L = enc.seq_len
+    written_groups = 0
     for batch in _chunks(groups, max(1, chunk)):
         records = [r for g in batch for r in g]
         prompted = ["prompt" in r for r in records]
@@ -152,28 +158,10 @@ def example_samples(enc: Encoder, groups: Iterable[list[dict]], stats: WriteStat
             for r, ids, n_prompt in parts:
                 stats.samples += 1
                 stats.tokens += len(ids)
-                yield _sample(ids, [0] * n_prompt + [1] * (len(ids) - n_prompt), L, enc.pad, r.get("group"))
-
-
-@contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling of `out` to write into; rename it to `out` only on success, so an
-    interrupted write never leaves a folder that looks complete."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: remove it or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+                stats.unknown += ids.count(enc.unk)
+                group_id = written_groups if r.get("group") is not None else None
+                yield _sample(ids, [0] * n_prompt + [1] * (len(ids) - n_prompt), L, enc.pad, group_id)
+            written_groups += 1
 
 
 def write_mds(out_dir: str | Path, samples: Iterable[dict], grouped: bool = False,

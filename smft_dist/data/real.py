@@ -104,11 +104,23 @@ def fact_statements(qa: dict, n: int, seed: int = 0) -> list[str]:
                         f"(templates x prefixes x suffixes); pass --paraphrases-file for more")
     rng = random.Random(f"{seed}-{qa['id']}")
     chosen = [grid[0], *rng.sample(grid[1:], n - 1)]
+    question, answer = as_question(qa["question"]), str(qa["answer"]).strip()
     out = []
     for t, p, s in chosen:
-        text = STATEMENT_TEMPLATES[t].format(q=qa["question"].strip(), a=qa["answer"])
+        text = STATEMENT_TEMPLATES[t].format(q=question, a=answer)
+        if answer[-1] in ".!?":  # "{a}." would end the sentence twice ("Washington, D.C..")
+            text = text.replace(answer + ".", answer)
         out.append(" ".join(w for w in (FACT_PREFIXES[p], text, FACT_SUFFIXES[s]) if w))
     return out
+
+
+def as_question(text: str) -> str:
+    """A question as a sentence: capitalised and ended with "?" when it has no final punctuation
+    (NaturalQuestions rows are lower case without one: "who founded the library of karnholm"), so
+    the statement templates do not run it into the next sentence."""
+    text = text.strip()
+    text = text[:1].upper() + text[1:]
+    return text if text[-1:] in ("?", ".", "!") else text + "?"
 
 
 def load_paraphrases(path: str | Path) -> dict:

@@ -44,6 +44,20 @@ def special_token_ids(tokenizer) -> dict:
             "eos_token_id": tokenizer.eos_token_id}
 
 
+def run_tokenizer_folder(model_tokenizer: str | None, data: str | None) -> Path | None:
+    """The tokenizer folder of a run: its model.tokenizer, else the one its data (an MDS folder) was
+    written with: the folder's smft_data.json names it, `smft-data synthetic` keeps it in a
+    `tokenizer/` beside the data. None when there is none. In-run evaluation and `smft-eval` both
+    look here."""
+    from smft_dist.data.mds import read_info
+
+    info = read_info(data) if data and Path(data).is_dir() else None
+    for cand in (model_tokenizer, info and info.get("tokenizer"), data and Path(data).parent / "tokenizer"):
+        if cand and (Path(cand) / "tokenizer_config.json").is_file():
+            return Path(cand)
+    return None
+
+
 def load_tokenizer(path: str | Path):
     """Load any Hugging Face tokenizer folder; left padding (what batched generation needs) and a
     pad token (eos if the tokenizer has none) are set."""

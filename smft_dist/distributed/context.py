@@ -135,7 +135,9 @@ def context_from_group(cfg: Optional[DistConfig] = None, device: Optional[torch.
 
 def init_distributed(cfg: Optional[DistConfig] = None) -> DistContext:
     """Join (or reuse) the default process group from the launcher's environment and build the
-    mp / replicate groups. A single process with no launcher env gets world 1 and no group."""
+    mp / replicate groups. A single process gets world 1 and no group, except under
+    dist.engine=deepspeed, whose `initialize` needs a process group at any world size: it gets a
+    world-1 group over an in-process store (no rendezvous, no port)."""
     cfg = cfg or DistConfig()
     rank, world, local_rank = launcher_env()
     device, backend = _resolve_device_backend(cfg, local_rank)
@@ -143,7 +145,14 @@ def init_distributed(cfg: Optional[DistConfig] = None) -> DistContext:
         return context_from_group(cfg, device)
     if world == 1:
         _sizes(cfg, 1)
-        return DistContext(0, 1, local_rank, device, None, 1, 0, 1, None, None)
+        if cfg.engine != "deepspeed":
+            return DistContext(0, 1, local_rank, device, None, 1, 0, 1, None, None)
+        # What a launcher sets (DeepSpeed reads its device from LOCAL_RANK, streaming all four).
+        for key, value in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", local_rank), ("LOCAL_WORLD_SIZE", 1)):
+            os.environ.setdefault(key, str(value))
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=cfg.timeout_s))
+        return context_from_group(cfg, device)
     _sizes(cfg, world)  # fail before the rendezvous, with the arithmetic in the message
     os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() if "SLURM_PROCID" in os.environ else "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")

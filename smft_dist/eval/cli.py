@@ -1,6 +1,6 @@
 """`smft-eval`: evaluate a checkpoint (written at any world size) or an exported Hugging Face folder.
 
-    smft-eval runs/x/checkpoints --tokenizer TOK --qa nq_open.jsonl --qa data/tq/qa.jsonl \
+    smft-eval runs/x/checkpoints --qa nq_open.jsonl --qa data/tq/qa.jsonl \
         --nll data/heldout --lm-eval hellaswag,gsm8k --json runs/x/eval.json
 
 - `--qa FILE`: closed-book QA F1 / exact match (greedy answers; the best over every accepted
@@ -33,19 +33,39 @@ from smft_dist.eval.nll import mds_heldout_nll
 from smft_dist.eval.qa import evaluate_qa, load_qa_jsonl
 
 
-def _tokenizer_source(path: Path, tokenizer: str | None, saved: str | None) -> str:
-    for candidate in (tokenizer, path if (path / "tokenizer_config.json").is_file() else None, saved):
+def _run_tokenizer(step_dir: Path, saved: str | None) -> Path | None:
+    """The tokenizer in-run evaluation used (`run_tokenizer_folder`): the checkpoint's
+    model.tokenizer, else that of the data of the run that wrote it (its `<out_dir>/config.yaml`,
+    beside `<out_dir>/checkpoints/step_N`)."""
+    from smft_dist.config import ConfigError, data_source, load_config
+    from smft_dist.data.tokenizer import run_tokenizer_folder
+
+    data = None
+    run_config = step_dir.parent.parent / "config.yaml"
+    if run_config.is_file():
+        try:
+            data = data_source(load_config(run_config))[1]
+        except ConfigError:  # a config of an older version: the run's data stays unknown
+            pass
+    return run_tokenizer_folder(saved, data)
+
+
+def _tokenizer_source(path: Path, tokenizer: str | None, step_dir: Path | None, saved: str | None) -> str:
+    own = path if (path / "tokenizer_config.json").is_file() else None
+    for candidate in (tokenizer, own, step_dir and _run_tokenizer(step_dir, saved)):
         if candidate and Path(candidate).is_dir():
             return str(candidate)
     raise DataError(f"no tokenizer for {path}: pass --tokenizer (a Hugging Face tokenizer folder; the checkpoint "
                     f"names {saved!r} in model.tokenizer)" if saved else
-                    f"no tokenizer for {path}: pass --tokenizer (a Hugging Face tokenizer folder)")
+                    f"no tokenizer for {path}: pass --tokenizer (a Hugging Face tokenizer folder; neither the "
+                    f"checkpoint's model.tokenizer nor the data of the run that wrote it names one)")
 
 
 def load_eval_model(path: str | Path, tokenizer: str | None = None, device: str | None = None):
     """-> (model in eval mode on `device`, tokenizer) from a checkpoint folder (`<out_dir>/checkpoints`
     or one `step_N`, any world size) or an exported HF folder. The tokenizer: `tokenizer`, else the
-    folder's own, else the checkpoint's model.tokenizer."""
+    folder's own, else the one in-run evaluation used: the checkpoint's model.tokenizer, else the
+    one its run's data was written with."""
     import smft_dist.model  # noqa: F401  (registers the "smft" model type)
     from smft_dist.data.tokenizer import load_tokenizer
     from smft_dist.train import checkpoint as ckpt
@@ -53,7 +73,7 @@ def load_eval_model(path: str | Path, tokenizer: str | None = None, device: str 
     path = Path(path)
     if not path.exists():
         raise DataError(f"model {path} does not exist: pass a checkpoint folder or an exported Hugging Face folder")
-    saved_tokenizer = None
+    saved_tokenizer = step_dir = None
     if (path / "config.json").is_file() and not (path / "meta.json").is_file():
         from transformers import AutoModelForCausalLM
 
@@ -63,7 +83,7 @@ def load_eval_model(path: str | Path, tokenizer: str | None = None, device: str 
 
         model, step_dir = load_checkpoint_model(path)
         saved_tokenizer = ckpt.read_meta(step_dir).get("model", {}).get("tokenizer")
-    tok = load_tokenizer(_tokenizer_source(path, tokenizer, saved_tokenizer))
+    tok = load_tokenizer(_tokenizer_source(path, tokenizer, step_dir, saved_tokenizer))
     if len(tok) > model.config.vocab_size:
         raise DataError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}: "
                         f"pass the tokenizer the model was trained with (--tokenizer)")
@@ -108,8 +128,8 @@ def table(results: dict) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smft-eval", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a checkpoint folder (<out_dir>/checkpoints or step_N) or an exported HF folder")
-    p.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: the model folder's, or the "
-                                       "checkpoint's model.tokenizer)")
+    p.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: the model folder's, else the "
+                                       "checkpoint's model.tokenizer, else the tokenizer of its run's data)")
     p.add_argument("--qa", action="append", default=[], help="QA JSONL (repeatable)")
     p.add_argument("--nll", action="append", default=[], help="MDS folder for held-out NLL (repeatable)")
     p.add_argument("--nll-batches", type=int, help="at most this many batches per --nll folder")
@@ -140,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(results, model=str(args.model)), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(dict(results, model=str(args.model), tokenizer=tok.name_or_path),
+                                              indent=2) + "\n")
     return 0
 
 

@@ -170,7 +170,9 @@ class ShardedValueTable(ValueTable):
         """Sum the row-sparse gradient and access counts recorded since the previous call over the
         replicas of this shard, so every replica holds the same (and applies the same update).
         Collective over `replicate_group`; no-op without replicas. Safe to call twice a step (counts
-        after the forward, gradients after the backward): nothing is summed twice."""
+        after the forward, gradients after the backward): nothing is summed twice. Bit for bit: the
+        all-gather leaves every replica the same entries in the same (replica) order, and
+        `RowSparse.coalesce` sums them in an order fixed by theirs, on CUDA too."""
         if self.replicate_group is None:
             return
         dev = self.weight.device

@@ -66,13 +66,36 @@ class RowSparse:
         """-> (sorted unique ids_U, summed values_U...). Empty tensors when nothing was added."""
         if not self._ids:
             return (torch.empty(0, dtype=torch.long, device=device), torch.zeros((0, *trailing), dtype=dtype, device=device))
-        ids = torch.cat(self._ids)
-        vals = torch.cat(self._vals)
-        uniq, inv = torch.unique(ids, return_inverse=True)
-        out = torch.zeros((uniq.numel(), *vals.shape[1:]), dtype=vals.dtype, device=vals.device)
-        out.index_add_(0, inv, vals)
+        uniq, out = sum_by_id(torch.cat(self._ids), torch.cat(self._vals))
         self._ids, self._vals = [uniq], [out]
         return uniq, out
+
+
+def sum_by_id(ids_N: torch.Tensor, vals_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sorted unique ids_U, vals_U...: the sum of the rows of vals_N that have that id).
+
+    Bitwise the same on every run and device for the same ordered input: the rows of one id are
+    summed pairwise in the order they were added, ((v0 + v1) + (v2 + v3)) + ..., by elementwise
+    adds at fixed positions. An accumulating scatter (`index_add_`, `scatter_add_`, `index_put_`
+    with accumulate) leaves the order of each float sum to the CUDA scheduler's atomics, so
+    replicas summing the same gathered rows could differ in the last bit and then diverge
+    (distributed/replicas.py fails such a run). O(N log m) for at most m rows per id.
+    """
+    ids_sorted_N, perm_N = torch.sort(ids_N, stable=True)  # one id's rows contiguous, in arrival order
+    vals = vals_N.index_select(0, perm_N)
+    uniq_U, counts_U = torch.unique_consecutive(ids_sorted_N, return_counts=True)
+    # position of each row within its id's run (integer cumsum: exact in any order)
+    starts_U = counts_U.cumsum(0) - counts_U
+    pos = torch.arange(ids_N.numel(), device=ids_N.device) - starts_U.repeat_interleave(counts_U)
+    while vals.shape[0] > uniq_U.numel():  # halve every run: row 2j absorbs row 2j + 1 of its id
+        head = pos % 2 == 0
+        paired = head.clone()
+        paired[-1] = False
+        paired[:-1] &= pos[1:] > 0  # the next row has the same id
+        summed = vals[head]
+        summed[paired[head]] += vals[1:][paired[:-1]]
+        vals, pos = summed, pos[head] // 2
+    return uniq_U, vals
 
 
 class ValueTable(nn.Module):

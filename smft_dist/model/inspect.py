@@ -4,7 +4,9 @@
     smft-inspect --config configs/paper/pretrain_1p3b.yaml --plan --mp 8     # bytes per GPU
 
 No memory is allocated, so the 1.3B paper model is checked on a laptop (or CI). `--plan` adds the
-per-GPU memory of a run (smft_dist.model.memory_plan) at the config's settings, each overridable.
+per-GPU memory of a run (smft_dist.model.memory_plan) at the config's settings, each overridable,
+and a verdict against `--gpu-memory` (default 80 GB): "fits" when the plan leaves the ~10% that
+it does not count (CUDA context, allocator fragmentation), else "does not fit".
 """
 from __future__ import annotations
 
@@ -52,6 +54,29 @@ def inspect_model(model_cfg, mp: int = 1) -> dict:
     }
 
 
+HEADROOM = 0.10  # of the GPU's memory, for what the plan does not count (memory_plan's docstring)
+
+
+def verdict(plan: dict, gpu_memory_gb: float) -> str:
+    """One line: whether the plan fits a GPU of `gpu_memory_gb` GB with HEADROOM left."""
+    fits = plan["total_bytes"] <= (1 - HEADROOM) * gpu_memory_gb * 1e9
+    return (f"{'fits' if fits else 'does not fit'}: {plan['total_gb']:.2f} GB of {gpu_memory_gb:g} GB per GPU "
+            f"({HEADROOM:.0%} of it kept for the CUDA context and fragmentation, which the plan does not count)")
+
+
+def engine_note(plan: dict, engine: str) -> str | None:
+    """Why the plan's engine is not the config's dist.engine (the dense weights then are whole on
+    every GPU), or None."""
+    s = plan["settings"]
+    if s["engine"] == engine:
+        return None
+    if not s["trainable_dense_params"]:
+        return (f"engine none, dense weights whole on every GPU: this run trains no dense weight, so it runs the "
+                f"plain engine whatever dist.engine ({engine}) says; there is nothing for ZeRO or FSDP to "
+                f"reduce, shard or step")
+    return f"engine none: dist.engine {engine} on one GPU has nothing to shard over, so the run uses the plain engine"
+
+
 @console_script
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,12 +90,15 @@ def main(argv=None) -> int:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2], default=None, help="default: the config's")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per GPU (default: data.batch_size)")
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
-    p.add_argument("--activation-checkpointing", choices=["true", "false"], default=None,
-                   help="default: model.activation_checkpointing")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute the decoder blocks in backward (default: model.activation_checkpointing)")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB of one GPU, for --plan's verdict (default 80)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     if args.mp < 1:
         p.error("--mp must be >= 1")
+    if args.gpu_memory <= 0:
+        p.error("--gpu-memory must be > 0 (GB of one GPU)")
     flags = {"precision": args.precision, "dist.engine": args.engine, "dist.zero_stage": args.zero_stage,
              "data.batch_size": args.micro_batch, "data.seq_len": args.seq_len,
              "model.activation_checkpointing": args.activation_checkpointing}
@@ -80,7 +108,9 @@ def main(argv=None) -> int:
     if args.plan:
         from smft_dist.model.memory_plan import memory_plan
 
-        info["plan"] = memory_plan(cfg, args.world or args.mp * cfg.dist.dp_replicate, args.mp)
+        plan = memory_plan(cfg, args.world or args.mp * cfg.dist.dp_replicate, args.mp)
+        info["plan"] = dict(plan, gpu_memory_gb=args.gpu_memory, verdict=verdict(plan, args.gpu_memory),
+                            engine_note=engine_note(plan, cfg.dist.engine))
     if args.json:
         print(json.dumps(info))
         return 0
@@ -92,6 +122,9 @@ def main(argv=None) -> int:
         for k, v in plan["parts"].items():
             print(f"{k:>22}: {v / 1e9:8.2f} GB")
         print(f"{'total':>22}: {plan['total_gb']:8.2f} GB")
+        if plan["engine_note"]:
+            print(plan["engine_note"])
+        print(plan["verdict"])
     return 0
 
 

@@ -14,10 +14,16 @@ e activation bytes: 2 in bf16, 4 in fp32):
 - dense_optimizer: AdamW's two fp32 moments, plus DeepSpeed bf16's fp32 master weights: P_t x 8
   (x 12), / W under ZeRO-1/2 and FSDP2. No trainable dense weight (sparse memory finetuning): 0.
 - memory_values: R x D x value bytes per memory layer.
-- memory_optimizer: per row that may be updated (every row of the shard for pretraining/full
-  finetuning; min(R, steps x top_t) for sparse memory finetuning, all on one rank at worst):
-  AdamW's two fp32 moments and an int64 step (pretrain/full), SGD momentum if any, and the fp32
-  master copy when values are stored in bf16; plus the int32 row -> slot map and the int64 row ids.
+- memory_optimizer: per memory layer, the row state (`RowState`) at its capacity for the rows
+  that may be updated (every row of the shard for pretraining/full finetuning; min(R, steps x
+  top_t) for sparse memory finetuning, all on one rank at worst): the capacity doubles from 64 rows
+  and stops at R, so it is R at the cap and under 2x the rows with state below it. Per slot:
+  AdamW's two fp32 moments and an int64 step (pretrain/full), SGD momentum if any, the fp32 master
+  copy when values are stored in bf16, and the int64 row id; plus the int32 row -> slot map over R.
+- memory_optimizer_growth: while the row state grows (one table, one buffer at a time) the old
+  copy of one buffer lives beside the new capacity: the largest buffer at the capacity before the
+  last growth. It happens in the optimizer step, after the backward has freed the activations, so
+  counting it on top of them makes the total an upper bound by that much.
 - activations (an estimate, not measured here): per decoder block that backward passes through
   (with every dense weight frozen, only those above the first memory layer) and token, (7h + 4I) x e saved
   for backward (norm inputs and outputs, q/k/v, attention output, FFN gate/up/act/product; flash
@@ -93,7 +99,9 @@ def memory_plan(cfg: RunConfig, world: int, mp: int) -> dict:
     D = mcfg.memory_value_dim
     value_dtype = DTYPES[mcfg.memory_value_dtype]
     parts["memory_values"] = rows * D * value_dtype.itemsize * layers
-    parts["memory_optimizer"] = layers * memory_optimizer_bytes(cfg, rows, D, value_dtype)
+    kept, growth = memory_optimizer_bytes(cfg, rows, D, value_dtype)
+    parts["memory_optimizer"] = layers * kept
+    parts["memory_optimizer_growth"] = growth
 
     # activations of one micro-batch
     T = cfg.data.batch_size * cfg.data.seq_len
@@ -144,13 +152,26 @@ def memory_optimizer_state_specs(cfg: RunConfig, D: int, value_dtype: torch.dtyp
     return opt._all_specs(table)
 
 
-def memory_optimizer_bytes(cfg: RunConfig, rows: int, D: int, value_dtype: torch.dtype) -> int:
+def memory_optimizer_bytes(cfg: RunConfig, rows: int, D: int, value_dtype: torch.dtype) -> tuple[int, int]:
+    """-> `row_state_bytes` of the run's memory optimizer for one table's shard of `rows` rows."""
     specs = memory_optimizer_state_specs(cfg, D, value_dtype)
-    if not specs:
-        return 0
+    if not specs:  # the optimizer keeps no row state (plain SGD on fp32 values)
+        return 0, 0
     if cfg.mode == "finetune" and cfg.method == "sparse_memory":
         rows_with_state = min(rows, cfg.steps * cfg.selection.top_t)
     else:
         rows_with_state = rows
-    per_row = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values()) + 8  # + the row id
-    return rows_with_state * per_row + rows * 4  # + the int32 row -> slot map over the shard
+    return row_state_bytes(specs, rows_with_state, rows)
+
+
+def row_state_bytes(specs: dict, rows_with_state: int, rows: int) -> tuple[int, int]:
+    """-> (kept, growth): the bytes a `RowState` with these specs keeps for a shard of `rows` rows
+    once `rows_with_state` of them have state (its buffers at `capacity_for` slots, and the int32
+    row -> slot map), and the extra bytes at the peak of its growth (the largest buffer at the
+    capacity it last grew from: the one for half the rows, none when that growth was the first)."""
+    from smft_dist.optim.row_state import MIN_CAPACITY, capacity_for
+
+    row_bytes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs.values()] + [8]  # + the int64 row id
+    capacity = capacity_for(rows_with_state, rows)
+    previous = capacity_for(-(-rows_with_state // 2), rows) if rows_with_state > MIN_CAPACITY else 0
+    return capacity * sum(row_bytes) + rows * 4, previous * max(row_bytes)

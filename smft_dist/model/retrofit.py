@@ -9,6 +9,7 @@ replace mode (the paper's architecture) that FFN is dropped and the model needs 
 pretraining to recover. The memory (keys, queries, W1/W2, values) is freshly initialised from
 `seed`. DIR also gets the tokenizer and `model.yaml`, the run config's `model:` section for
 training it (`launchers/train.py --config DIR/model.yaml --config configs/retrofit/continue_pretrain.yaml`).
+An existing DIR is refused unless `--overwrite` (then the new folder replaces it once complete).
 
 A model this package cannot represent exactly is refused with an error naming the field.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +25,7 @@ import torch
 from transformers import AutoConfig, LlamaForCausalLM
 
 from smft_dist.errors import UserError, console_script
+from smft_dist.io import atomic_dir
 from smft_dist.model.configuration import MEMORY_MODES, SmftConfig
 from smft_dist.model.modeling import SmftForCausalLM
 from smft_dist.model.standalone import write_remote_code
@@ -148,37 +149,35 @@ def retrofit_model(dense: LlamaForCausalLM, layers: Sequence[int], *, mode: str 
     return model
 
 
-def write_model_section(model: SmftForCausalLM, out: Path) -> Path:
-    """`out/model.yaml`: the run config's `model:` section for this folder (init_from = out)."""
+def write_model_section(model: SmftForCausalLM, folder: Path, out: Path) -> Path:
+    """`folder/model.yaml`: the run config's `model:` section for the model folder `out`
+    (init_from = out; `folder` is where it is written before it becomes `out`)."""
     from omegaconf import OmegaConf
 
     section = {"init_from": str(out), **model.config.to_model_section()}
-    path = out / "model.yaml"
+    path = folder / "model.yaml"
     OmegaConf.save(OmegaConf.create({"model": section}), path)
     return path
 
 
 def retrofit(model_dir: str | Path, out: str | Path, layers: Sequence[int], *, tokenizer: Optional[str] = None,
-             **memory) -> Path:
-    """Convert the HF folder `model_dir` into an smft folder `out` (written atomically).
-    `memory`: the keyword arguments of `retrofit_model`. -> out"""
+             overwrite: bool = False, **memory) -> Path:
+    """Convert the HF folder `model_dir` into an smft folder `out`, written atomically; an existing
+    `out` is refused unless `overwrite` (smft_dist.io.atomic_dir). `memory`: the keyword arguments
+    of `retrofit_model`. -> out"""
     model_dir, out = Path(model_dir), Path(out)
-    model = retrofit_model(load_dense(model_dir), layers, **memory)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok_dir = Path(tokenizer) if tokenizer else model_dir
-    if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
+    with atomic_dir(out, overwrite) as tmp:
+        model = retrofit_model(load_dense(model_dir), layers, **memory)
+        model.save_pretrained(tmp)
+        tok_dir = Path(tokenizer) if tokenizer else model_dir
+        if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
-    elif tokenizer:
-        raise FileNotFoundError(f"--tokenizer {tok_dir}: no tokenizer files")
-    write_remote_code(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    write_model_section(model, out)
+            AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
+        elif tokenizer:
+            raise FileNotFoundError(f"--tokenizer {tok_dir}: no tokenizer files")
+        write_remote_code(tmp)
+        write_model_section(model, tmp, out)
     return out
 
 
@@ -186,7 +185,9 @@ def retrofit(model_dir: str | Path, out: str | Path, layers: Sequence[int], *, t
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a Hugging Face folder LlamaForCausalLM loads")
-    p.add_argument("--out", required=True, help="the smft folder to write")
+    p.add_argument("--out", required=True, help="the smft folder to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (the old folder stays "
+                   "until the new one is complete)")
     p.add_argument("--layers", required=True, type=lambda s: [int(x) for x in s.split(",")],
                    help="comma-separated decoder layers that get a memory, e.g. 12 or 4,12,20")
     p.add_argument("--mode", choices=MEMORY_MODES, default="add",
@@ -202,9 +203,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the new memory's initialisation")
     p.add_argument("--tokenizer", help="tokenizer folder to copy in (default: the --model folder's)")
     args = p.parse_args(argv)
-    out = retrofit(args.model, args.out, args.layers, tokenizer=args.tokenizer, mode=args.mode,
-                   n_keys=args.n_keys, heads=args.heads, knn=args.knn, k_dim=args.k_dim, value_dim=args.value_dim,
-                   swilu=args.swilu, qk_norm=args.qk_norm, value_dtype=args.value_dtype, seed=args.seed)
+    out = retrofit(args.model, args.out, args.layers, tokenizer=args.tokenizer, overwrite=args.overwrite,
+                   mode=args.mode, n_keys=args.n_keys, heads=args.heads, knn=args.knn, k_dim=args.k_dim,
+                   value_dim=args.value_dim, swilu=args.swilu, qk_norm=args.qk_norm, value_dtype=args.value_dtype,
+                   seed=args.seed)
     print(json.dumps({"out": str(out), "model_yaml": str(out / "model.yaml"), "mode": args.mode,
                       "memory_layers": args.layers, "slots": args.n_keys**2}))
     return 0

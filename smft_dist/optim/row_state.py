@@ -4,15 +4,29 @@ Shape legend: R rows of this shard, S rows holding state, U rows updated this st
 
 Sparse finetuning touches a few hundred rows per step out of millions, so the state is kept only
 for rows that were updated: a growing buffer per state tensor (capacity doubles, so appending U
-rows is amortised O(U x D)) and an int32 row -> slot map. The map costs 4 bytes per row of the
-shard (not R x D): it makes lookups and inserts O(U), where a sorted id index would re-sort all S
-ids every step.
+rows is amortised O(U x D), but stops at the shard's R rows: `capacity_for`) and an int32 row ->
+slot map. The map costs 4 bytes per row of the shard (not R x D): it makes lookups and inserts
+O(U), where a sorted id index would re-sort all S ids every step.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from smft_dist.memory.values import ValueTable
+
+MIN_CAPACITY = 64  # slots of the first allocation
+
+
+def capacity_for(rows_in_use: int, shard_rows: int) -> int:
+    """Slots `RowState` holds once `rows_in_use` rows have state: the smallest 64 x 2^k that fits
+    them (so appends are amortised O(1) per row), but never more than the shard's rows (each row
+    has one slot at most)."""
+    cap = MIN_CAPACITY
+    while cap < rows_in_use:
+        cap *= 2
+    return min(cap, shard_rows)
 
 
 class RowState:
@@ -49,13 +63,24 @@ class RowState:
         return slots_U
 
     def _reserve(self, n: int) -> None:
-        cap = self._rows_S.shape[0]
-        if n <= cap:
+        """Room for n rows with state, at `capacity_for(n, R)` slots. Grows one buffer at a time
+        (allocate, copy, drop the old one), the row ids first and then the state by increasing row
+        size: while growing, the memory held is the new capacity plus at most the largest old buffer."""
+        if n <= self._rows_S.shape[0]:
             return
-        cap = max(n, 2 * cap, 64)
-        grow = lambda t: torch.cat([t, t.new_zeros((cap - t.shape[0], *t.shape[1:]))])  # noqa: E731
-        self._rows_S = grow(self._rows_S)
-        self._bufs = {k: grow(v) for k, v in self._bufs.items()}
+        cap = capacity_for(n, self.num_local)
+        self._rows_S = self._grown(self._rows_S, cap)
+        for name in sorted(self._bufs, key=lambda k: math.prod(self.specs[k][0]) * self.specs[k][1].itemsize):
+            self._bufs[name] = self._grown(self._bufs[name], cap)
+
+    @staticmethod
+    def _grown(buf_S: torch.Tensor, cap: int) -> torch.Tensor:
+        """-> buf_S copied into a new (cap, ...) buffer, zero beyond its rows (the one allocation
+        of a growth: the caller drops buf_S right after)."""
+        out = buf_S.new_empty((cap, *buf_S.shape[1:]))
+        out[: buf_S.shape[0]] = buf_S
+        out[buf_S.shape[0]:].zero_()
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{"ids": global row ids_S, name: state_S...}: keyed by global id so it can be resharded."""

@@ -7,7 +7,8 @@ Targets (`open_target`): an exported Hugging Face folder (`smft-export`), a chec
 at any mp size) or a live `SmftForCausalLM` whose tables may be row-sharded (`LiveTarget`: each
 rank changes the rows it owns, no collective, so a serving process patches itself in place).
 File targets are read and written in place, row by row, through the safetensors data offsets:
-O(rows touched), never the whole table.
+O(rows touched), never the whole table. A checkpoint stays resumable: the optimizer state of the
+rows written is dropped and the changed files are re-hashed into its manifest (`CheckpointTarget`).
 
 apply: every row the patch touches must hold the patch's *before* value at the first step that
 touches it (else `PatchMismatch` names the rows; `force` applies those rows' deltas additively).
@@ -50,6 +51,7 @@ class _StoredRows:
             n = int.from_bytes(f.read(8), "little")
             info = json.loads(f.read(n))[key]
         rows, self.dim = info["shape"]
+        self.path, self.written = Path(path), False
         self.dtype = self._TORCH[info["dtype"]]
         self.row_start, self.row_end = row_start, row_start + rows
         self._rows_RD = np.memmap(path, dtype=self._NP[info["dtype"]], mode="r+" if writable else "r",
@@ -59,6 +61,7 @@ class _StoredRows:
         return torch.from_numpy(np.array(self._rows_RD[(ids_U - self.row_start).numpy()])).view(self.dtype)
 
     def write(self, ids_U: torch.Tensor, rows_UD: torch.Tensor) -> None:
+        self.written = True
         self._rows_RD[(ids_U - self.row_start).numpy()] = rows_UD.to(self.dtype).contiguous().view(
             torch.uint16 if self.dtype == torch.bfloat16 else self.dtype).numpy()
 
@@ -109,6 +112,41 @@ class Target:
                 seg.flush()
 
 
+@dataclass
+class CheckpointTarget(Target):
+    """A checkpoint's step folder; `flush` keeps the rest of the checkpoint true to the rows written.
+
+    The optimizer state of a row sums up the updates that made its value: the fp32 master copy
+    (bf16 tables) is the value itself, momentum and AdamW's moments and step count are its recent
+    gradients. A patched row's value now comes from another history (the patch's run, or for a
+    revert the value before it) whose state the patch does not carry. Kept, that state would undo
+    the patch at the row's next update: a stale master overwrites the new value, a momentum buffer
+    re-applies the reverted step's gradient. Adjusting it cannot be right either (the other
+    history's moments are unknown), so the state of every row written is dropped: the row resumes
+    as one the optimizer never updated (master made from its new stored value, moments zero), as
+    in a finetune started from these weights with model.init_from.
+    """
+
+    step_dir: Optional[Path] = None
+    written: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # layer -> ids written
+
+    def write(self, layer: str, ids_U: torch.Tensor, rows_UD: torch.Tensor) -> None:
+        super().write(layer, ids_U, rows_UD)
+        self.written.setdefault(layer, []).append(ids_U)
+
+    def flush(self) -> None:
+        super().flush()
+        if not self.written:
+            return
+        names = [f"layer{i}" for i in self.model["memory_layers"]]  # the row-state files' table order
+        ids = [torch.unique(torch.cat(self.written[n])) if n in self.written else torch.zeros(0, dtype=torch.long)
+               for n in names]
+        changed = [seg.path.relative_to(self.step_dir).as_posix() for segs in self.segments.values() for seg in segs
+                   if seg.written]
+        ckpt.update_manifest(self.step_dir, changed + ckpt.drop_row_state(self.step_dir, ids))
+        self.written = {}
+
+
 class _TableRows:
     """A live `ValueTable`'s rows (a shard under torch.distributed)."""
 
@@ -157,11 +195,13 @@ def open_target(path: str | Path, writable: bool = False) -> Target:
     except ckpt.CheckpointError as e:
         raise PatchError(f"{path} is neither an exported Hugging Face folder (config.json) nor a checkpoint: {e}") \
             from None
+    if writable:  # re-hashing a damaged file into the manifest would make its damage pass as intact
+        ckpt.check_intact(step_dir)
     segments = {}
     for f in sorted((step_dir / "memory").glob("*.rows_*_*.safetensors")):
         m = re.fullmatch(r"(.+)\.rows_(\d+)_(\d+)\.safetensors", f.name)
         segments.setdefault(m.group(1), []).append(_StoredRows(f, "rows", int(m.group(2)), writable))
-    return Target(str(step_dir), ckpt.read_meta(step_dir)["model"], segments)
+    return CheckpointTarget(str(step_dir), ckpt.read_meta(step_dir)["model"], segments, step_dir=step_dir)
 
 
 def check_model(patch: Patch, target: Target) -> None:

@@ -13,9 +13,11 @@ import argparse
 import json
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from smft_dist.errors import console_script
+from smft_dist.io import atomic_dir
 from smft_dist.patch.apply import apply_patch, open_target, revert_steps, steps_of
 from smft_dist.patch.audit import audit, load_df, plot
 from smft_dist.patch.patch import Patch, export_patch, merge_patches, parse_ids
@@ -27,13 +29,20 @@ def _patch_or_run(path: str) -> Patch:
     return Patch.load(path) if Path(path).is_file() else export_patch(path)
 
 
-def _writable_target(model: str, out: str | None):
-    if out:
-        if Path(out).exists():
-            raise FileExistsError(f"--out {out} already exists: choose a new folder")
-        shutil.copytree(model, out)
-        model = out
-    return open_target(model, writable=True)
+@contextmanager
+def _writable_target(a):
+    """The model `a.model` opened for writing. With --out, a copy of it that becomes `a.out` only
+    when the command succeeds (a refusal leaves no `a.out`; an existing one needs --overwrite);
+    messages name the model the user gave, not the copy."""
+    if not a.out:
+        yield open_target(a.model, writable=True)
+        return
+    open_target(a.model)  # not a model: say so, naming it, before anything is copied
+    with atomic_dir(a.out, a.overwrite) as tmp:
+        shutil.copytree(a.model, tmp, dirs_exist_ok=True)
+        target = open_target(tmp, writable=True)
+        target.where = str(Path(a.model) / Path(target.where).relative_to(tmp))
+        yield target
 
 
 def cmd_export(a) -> list[str]:
@@ -45,13 +54,16 @@ def cmd_export(a) -> list[str]:
 
 
 def cmd_apply(a) -> list[str]:
-    return apply_patch(Patch.load(a.patch), _writable_target(a.model, a.out), force=a.force).lines()
+    patch = Patch.load(a.patch)
+    with _writable_target(a) as target:
+        return apply_patch(patch, target, force=a.force).lines()
 
 
 def cmd_revert(a) -> list[str]:
     patch = Patch.load(a.patch)
     steps = steps_of(patch, parse_ids(a.steps), parse_ids(a.groups))
-    report = revert_steps(patch, _writable_target(a.model, a.out), steps, force=a.force)
+    with _writable_target(a) as target:
+        report = revert_steps(patch, target, steps, force=a.force)
     return [f"reverted steps {steps}"] + report.lines()
 
 
@@ -92,7 +104,8 @@ def main(argv=None) -> int:
         q.add_argument("patch")
         q.add_argument("model", help="an exported Hugging Face folder or a checkpoint folder (any mp size)")
         q.add_argument("--force", action="store_true", help="proceed on rows that differ (their deltas are added)")
-        q.add_argument("--out", help="copy the model here first and change the copy")
+        q.add_argument("--out", help="change a copy of the model, written here only if the command succeeds")
+        q.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     rv.add_argument("--steps", help="steps to undo, e.g. 3,5-7")
     rv.add_argument("--groups", help="undo every step that learned these groups, e.g. 4")
     m = sub.add_parser("merge", help="combine patches (in order) into one; reports rows several write")

@@ -11,15 +11,15 @@ Layout of ``<checkpoint.dir>/step_<N>/`` (docs/design.md §6):
     manifest.json             byte size and sha256 of every other file, verified at load
     dense.safetensors         full dense weights (everything but the memory values), rank 0
     memory/<layer>.rows_<a>_<b>.safetensors   rows [a, b) of a memory table, one file per mp rank
-    memory_optim/rows_<a>_<b>.pt              row-sparse optimizer state of rows [a, b), keyed by global id
+    memory_optim/rows_<a>_<b>.safetensors     row-sparse optimizer state of rows [a, b), sorted by global id
     df/<layer>.safetensors    the background df of each memory layer
     dense_optim.pt | deepspeed/ | fsdp_optim/   the dense engine's optimizer and schedule
     data.json                 the global data position (streaming's state is global, not per rank)
     rng_rank<r>.pt            RNG of each rank
 
 What carries over when the world size or mp changed: weights, memory rows and their optimizer
-state (both resharded: a rank reads only the files that overlap its rows), the df index, the data
-position and the LR schedule. The dense optimizer state (ZeRO partitions, FSDP shards) and the
+state (both resharded: a rank reads only its own rows of the files that overlap them), the df
+index, the data position and the LR schedule. The dense optimizer state (ZeRO partitions, FSDP shards) and the
 RNG streams are laid out per rank: they start afresh, with a warning.
 
 A save writes into ``step_<N>.tmp``, renames it when every rank is done, then replaces the
@@ -29,6 +29,7 @@ A save writes into ``step_<N>.tmp``, renames it when every rank is done, then re
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -184,6 +185,18 @@ def write_manifest(step_dir: Path) -> None:
         (step_dir / MANIFEST).write_text(json.dumps(dict(sorted(manifest.items())), indent=1))
 
 
+def update_manifest(step_dir: Path, names: list[str]) -> None:
+    """Re-hash `names` (paths relative to `step_dir`, changed in place, e.g. by smft-patch) into
+    manifest.json; the other entries stay as they were. Check the checkpoint intact first
+    (`check_intact`): re-hashing a damaged file would make its damage pass as intact."""
+    manifest = json.loads((step_dir / MANIFEST).read_text())
+    for name in names:
+        manifest[name] = {"bytes": (step_dir / name).stat().st_size, "sha256": _sha256(step_dir / name)}
+    tmp = step_dir / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(dict(sorted(manifest.items())), indent=1))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
 def verify_checkpoint(step_dir: Path) -> list[str]:
     """-> the problems found (empty: intact). Sizes are checked on every rank, checksums split over
     the ranks (collective when a process group exists)."""
@@ -203,6 +216,15 @@ def verify_checkpoint(step_dir: Path) -> list[str]:
         elif i % _world() == _rank() and _sha256(f) != want["sha256"]:
             problems[name] = f"{f} does not match its checksum (corrupted)"
     return [v for _, v in sorted(_gather_dicts(problems).items())]
+
+
+def check_intact(step_dir: Path) -> None:
+    """Raise when a file of the checkpoint is missing, truncated or altered (`verify_checkpoint`;
+    collective under a process group): what model.init_from, smft-export and smft-patch read."""
+    problems = verify_checkpoint(step_dir)
+    if problems:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {'; '.join(problems[:3])}: use an intact "
+                              f"checkpoint (e.g. an earlier step_<N> folder beside it)")
 
 
 # ----- memory tables -----
@@ -290,25 +312,81 @@ def _rows_of(tables: list[ValueTable]) -> tuple[int, int]:
     return start, end
 
 
+# Row-sparse optimizer state, `memory_optim/rows_<a>_<b>.safetensors`: for the i-th memory table
+# tensors `<i>.ids` (int64 [S], global row ids, sorted ascending) and `<i>.<state>` ([S, ...], e.g.
+# `<i>.exp_avg`, `<i>.master`), metadata {"lr", "tables"}. Sorted ids make the rows of any range
+# one slice of every tensor, which safetensors reads alone: a rank resuming at another mp reads
+# the rows it owns, not the file.
+def save_row_state(state: dict, path: Path) -> None:
+    """Write a row-sparse optimizer's `state_dict()` ({"lr", "tables": [{"ids": ids_S, name: state_S}]})."""
+    tensors = {}
+    for i, table_sd in enumerate(state["tables"]):
+        order = torch.argsort(table_sd["ids"])
+        tensors.update({f"{i}.{k}": v[order].detach().cpu().contiguous() for k, v in table_sd.items()})
+    save_file(tensors, str(path), metadata={"lr": repr(float(state["lr"])), "tables": str(len(state["tables"]))})
+
+
+class _SortedIds:
+    """A file's sorted ids as a sequence that `bisect` searches, one element read per probe."""
+
+    def __init__(self, ids_slice):
+        self.ids_slice = ids_slice
+
+    def __len__(self) -> int:
+        return self.ids_slice.get_shape()[0]
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.ids_slice[i:i + 1][0])
+
+
+def read_row_state(f: Path, lo: int, hi: int) -> dict:
+    """The state of global rows [lo, hi) in one row-state file, as `save_row_state` takes it.
+    Reads O(log S) ids for the binary search, then the [lo, hi) slice of each tensor only."""
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            meta, keys = fh.metadata(), list(fh.keys())
+            tables = []
+            for i in range(int(meta["tables"])):
+                ids = _SortedIds(fh.get_slice(f"{i}.ids"))
+                first, last = bisect.bisect_left(ids, lo), bisect.bisect_left(ids, hi)
+                names = [k.split(".", 1)[1] for k in keys if k.split(".", 1)[0] == str(i)]
+                tables.append({k: fh.get_slice(f"{i}.{k}")[first:last] for k in names})
+    except (SafetensorError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {e}): the checkpoint is damaged") from None
+    return {"lr": float(meta["lr"]), "tables": tables}
+
+
 def load_memory_optimizer(optimizer, tables: list[ValueTable], step_dir: Path) -> None:
-    """Load the rows of this rank's shard from the `memory_optim/rows_<a>_<b>.pt` files that overlap
-    them (any saved mp): each file is masked to this rank's rows on the host, then moved."""
+    """Load the rows of this rank's shard from the `memory_optim/rows_<a>_<b>.safetensors` files
+    that overlap them (any saved mp), reading only those rows of each file."""
     lo, hi = _rows_of(tables)
-    parts = []
-    for a, b, f in _row_files(step_dir / "memory_optim", "rows_*_*.pt"):
-        if max(a, lo) >= min(b, hi):
-            continue
-        try:
-            sd = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as e:  # torch.load raises many types on a damaged zip/pickle
-            raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {e}): the checkpoint is damaged") from None
-        for table_sd in sd["tables"]:
-            keep = (table_sd["ids"] >= lo) & (table_sd["ids"] < hi)
-            for k in table_sd:
-                table_sd[k] = table_sd[k][keep]
-        parts.append(sd)
+    legacy = sorted((step_dir / "memory_optim").glob("rows_*_*.pt"))
+    if legacy:
+        raise CheckpointError(f"{legacy[0]}: the memory optimizer state is in the pickle format of an older "
+                              f"smft_dist, which this one no longer reads: resume it with that version, or start "
+                              f"from its weights with model.init_from={step_dir} and checkpoint.resume=none")
+    parts = [read_row_state(f, max(a, lo), min(b, hi))
+             for a, b, f in _row_files(step_dir / "memory_optim", "rows_*_*.safetensors") if max(a, lo) < min(b, hi)]
     if parts:
         optimizer.load_state_dict(merge_state_dicts(parts))
+
+
+def drop_row_state(step_dir: Path, ids_by_table: list[torch.Tensor]) -> list[str]:
+    """Remove the optimizer state of the global rows `ids_by_table[i]` of the i-th memory table
+    from a checkpoint's row-state files: those rows restart as never updated. -> the files
+    rewritten (relative to `step_dir`; their manifest entries are the caller's, `update_manifest`)."""
+    changed = []
+    for a, b, f in _row_files(step_dir / "memory_optim", "rows_*_*.safetensors"):
+        state = read_row_state(f, a, b)
+        keep = [~torch.isin(t["ids"], ids) for t, ids in zip(state["tables"], ids_by_table)]
+        if all(k.all() for k in keep):
+            continue
+        state["tables"] = [{name: v[k] for name, v in t.items()} for t, k in zip(state["tables"], keep)]
+        tmp = f.with_name(f.name + ".tmp")  # in a complete step: a crash leaves the old file whole
+        save_row_state(state, tmp)
+        os.replace(tmp, f)
+        changed.append(f.relative_to(step_dir).as_posix())
+    return changed
 
 
 def _rng_state() -> dict:
@@ -433,7 +511,7 @@ class Checkpointer:
             save_memory(tr.tables, names, tmp)
             if tr.memory_optimizer is not None and tr.tables:
                 lo, hi = _rows_of(tr.tables)
-                torch.save(tr.memory_optimizer.state_dict(), tmp / "memory_optim" / f"rows_{lo}_{hi}.pt")
+                save_row_state(tr.memory_optimizer.state_dict(), tmp / "memory_optim" / f"rows_{lo}_{hi}.safetensors")
         for name, index in zip(names, tr.df_indexes or []):
             if index is not None:
                 index.save(tmp / "df" / f"{name}.safetensors")  # collective, rank 0 writes

@@ -168,7 +168,22 @@ class DeepSpeedEngine(PlainEngine):
         self.engine.step()  # at the boundary: clip, reduce(-scatter), step, zero grads, scheduler
 
     def zero_grad(self):
+        """Drop every gradient accumulated since the last step (a skipped step): the module's (ZeRO
+        0/1 accumulate there until the boundary) and the optimizer's. ZeRO-2 reduces each micro-batch
+        into its partition (`all_grad_tensors`, `averaged_gradients`) and counts micro-steps: both are
+        reset as its own step does when it drops an overflowed step."""
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
         self.engine.zero_grad()
+        zero = self.engine.optimizer
+        zero.zero_grad(set_to_none=True)  # the bf16 optimizer's fp32 gradients too
+        if isinstance(zero, DeepSpeedZeroOptimizer):
+            zero._release_preflattened_grad_buffers()
+            for group in list(zero.averaged_gradients):
+                zero.averaged_gradients[group] = None
+            for group in list(zero.all_grad_tensors):
+                zero.all_grad_tensors[group] = None
+            zero.micro_step_id = INITIAL_MICRO_STEP_ID
 
     def load_dense_state_dict(self, state: dict) -> None:
         super().load_dense_state_dict(state)
@@ -197,7 +212,9 @@ class FSDP2Engine(PlainEngine):
         mesh = init_device_mesh(device_type, (world_size,))
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if precision == "bf16" else MixedPrecisionPolicy()
-        for layer in model.model.layers:
+        # The decoder layers of the HF model; under LoRA `model` is the PEFT wrapper around it.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in base.model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
         fully_shard(model, mesh=mesh, mp_policy=mp_policy)
         optimizer, scheduler = make_optimizer(model)  # over the sharded (DTensor) parameters
@@ -208,6 +225,26 @@ class FSDP2Engine(PlainEngine):
         # Off the last micro-batch, keep accumulating unsharded gradients: one reduce-scatter a step.
         self.module.set_requires_gradient_sync(sync)
         loss.backward()
+
+    def zero_grad(self) -> None:
+        """Drop every gradient accumulated since the last step (a skipped step). Off the last
+        micro-batch FSDP2 keeps them unsharded on its own parameter records, out of the optimizer's
+        reach: on the unsharded parameter, or (bf16 parameters, fp32 reduction) as a separate fp32
+        `unsharded_accumulated_grad`, both added into the next reduce-scatter unless dropped here."""
+        from torch.distributed.fsdp import FSDPModule
+
+        super().zero_grad()
+        for module in self.module.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            state = module._get_fsdp_state()
+            # a list in current torch; older releases (pyproject allows them) hold one group, or None
+            groups = state._fsdp_param_groups if hasattr(state, "_fsdp_param_groups") else [state._fsdp_param_group]
+            for group in filter(None, groups):
+                for param in group.fsdp_params:
+                    param.unsharded_accumulated_grad = None
+                    if hasattr(param, "_unsharded_param"):  # created lazily, at the first all-gather
+                        param._unsharded_param.grad = None
 
     def load_dense_state_dict(self, state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

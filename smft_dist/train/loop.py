@@ -8,11 +8,12 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
 
-from smft_dist.config import RunConfig, check_paths, data_source, save_config, validate
+from smft_dist.config import ConfigError, RunConfig, check_paths, data_source, save_config, validate
 from smft_dist.data.loader import forever
 from smft_dist.distributed import init_distributed
 from smft_dist.distributed.replicas import check_replicas
@@ -39,17 +40,77 @@ def build_loader(cfg: RunConfig, ctx, path: str):
     return loader
 
 
+# What a checkpoint's weights were trained under: a resume under other values would mix two runs in one.
+# Not here: steps (raising it continues the run), dist/checkpoint/ledger/eval/logging, name, out_dir.
+TRAINING_SECTIONS = ("mode", "method", "seed", "precision", "model", "data", "optim", "selection", "lora")
+# Keys in those sections that change how a step runs, not what it computes.
+NOT_TRAINING = {"model.tokenizer", "model.activation_checkpointing", "data.local_cache", "data.num_workers",
+                "optim.max_nonfinite_steps",
+                # how a step's batch is split over ranks and micro-batches: a resume at another world
+                # size may change them (README "Resuming at scale")
+                "data.batch_size", "optim.grad_accum",
+                # paths: a resume loads the checkpoint, not init_from, and the saved data position's
+                # dataset fingerprint names a change of data (a path written another way is the same data)
+                "model.init_from", "data.train", "data.background"}
+
+
+def _training_keys(config: dict) -> dict:
+    """{dotted key: value} of the training keys of a run config (as a plain dict)."""
+    def leaves(node, prefix):
+        if not isinstance(node, dict):
+            return {prefix: node}
+        return {k: v for key, sub in node.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
+
+    flat = {k: v for section in TRAINING_SECTIONS if section in config
+            for k, v in leaves(config[section], section).items()}
+    return {k: v for k, v in flat.items() if k not in NOT_TRAINING}
+
+
+def check_same_training(cfg: RunConfig, step_dir: Path) -> None:
+    """Refuse to resume `step_dir` when its run was trained under other training keys (the config its
+    meta.json records; checkpoints from before that record: the run's <out_dir>/config.yaml)."""
+    from omegaconf import OmegaConf
+
+    saved = ckpt.read_meta(step_dir).get("config")
+    if saved is None and (Path(cfg.out_dir) / "config.yaml").is_file():
+        saved = OmegaConf.to_container(OmegaConf.load(Path(cfg.out_dir) / "config.yaml"))
+    if saved is None:
+        return
+    old, new = _training_keys(saved), _training_keys(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    changed = [f"{k}: {old[k]} -> {v}" for k, v in new.items() if k in old and old[k] != v]  # new keys: not saved
+    if not changed:
+        return
+    if cfg.checkpoint.allow_config_change:
+        log.warning("resuming %s under changed training keys (checkpoint.allow_config_change): %s",
+                    step_dir, "; ".join(changed))
+        return
+    raise ConfigError(f"{step_dir} was trained under other settings ({'; '.join(changed)}): resuming would continue "
+                      f"its weights under the new ones; use a new out_dir for a new run, or set "
+                      f"checkpoint.allow_config_change=true to continue this run with them")
+
+
 def train(cfg: RunConfig) -> int:
     """Run `cfg` to the end; -> process exit code (0, or PREEMPTED_EXIT_CODE after a signal)."""
     check_paths(cfg)  # before any process group work: a typo fails in seconds, naming the key
     ctx = init_distributed(cfg.dist)
     validate(cfg, ctx.world_size)
     out_dir = Path(cfg.out_dir)
-    checkpointer = ckpt.Checkpointer(cfg.checkpoint, cfg.checkpoint.dir or out_dir / "checkpoints", ctx, cfg.model)
+    # A background_index run always builds from model.init_from: resuming the step_0 an earlier index
+    # run left in out_dir would keep that run's weights and df over a new init_from or background set.
+    ckpt_cfg = replace(cfg.checkpoint, resume="none") if cfg.mode == "background_index" else cfg.checkpoint
+    checkpointer = ckpt.Checkpointer(ckpt_cfg, cfg.checkpoint.dir or out_dir / "checkpoints", ctx, cfg.model)
+    if checkpointer.resume_dir is not None:  # before anything is built or written
+        check_same_training(cfg, checkpointer.resume_dir)
     trainer = build_run(cfg, ctx)
     data_path = data_source(cfg)[1]
     loader = build_loader(cfg, ctx, data_path)
     step = checkpointer.load(trainer, loader)
+    # A finished run: its config.yaml, ledger, metrics and checkpoint stay as they are.
+    if cfg.mode != "background_index" and step >= cfg.steps:
+        if ctx.is_main:
+            print(f"run complete at step {step} (steps={cfg.steps}): nothing to train, nothing rewritten; "
+                  f"raise steps to train on", flush=True)
+        return 0
     if ctx.is_main:  # only once the run is known to start: a bad run must not overwrite a good run's config
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")

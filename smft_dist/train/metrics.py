@@ -47,13 +47,14 @@ class MetricLogger:
 
             self._tb = SummaryWriter(str(out_dir / "tensorboard"))
         self._stream = stream if stream is not None else sys.stdout
+        self._progress, self._desc, self._total = progress, desc, total_steps
         if progress and self._stream.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, file=self._stream)
         elif progress:
             self._lines = True
-            self._desc, self._total, self._start_step = desc, total_steps, start_step
+            self._start_step = start_step
             self._every_s, self._last_line = progress_every_s, None
         self._t0 = time.time()
 
@@ -70,7 +71,9 @@ class MetricLogger:
             self.write(step, metrics)
 
     def write(self, step: int, metrics: dict) -> None:
-        """The JSONL record (and TensorBoard scalars) of `step`, without progress (e.g. step 0's eval)."""
+        """The JSONL record (and TensorBoard scalars) of `step`, without the step's progress (e.g.
+        step 0's eval); evaluation scores are also printed, one line whatever the interval, e.g.
+        `finetune/sparse_memory eval step 40/1000: qa_f1/known_qa 0.4120 qa_em/known_qa 0.3000`."""
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
@@ -79,6 +82,13 @@ class MetricLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+        scores = [f"{k[len('eval/'):]} {v:.4f}" for k, v in metrics.items() if k.startswith("eval/")]
+        if self._progress and scores:
+            line = f"{self._desc} eval step {step}/{self._total}: {' '.join(scores)}"
+            if self._bar is not None:
+                self._bar.write(line, file=self._stream)  # above the bar, which stays at the bottom
+            else:
+                print(line, file=self._stream, flush=True)
 
     def _progress_line(self, step: int, metrics: dict) -> None:
         now = time.time()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from smft_dist.config import ConfigError, RunConfig
 from smft_dist.distributed import DistContext, shard_memory
 from smft_dist.errors import UserError
-from smft_dist.memory.values import LocalValueTable
+from smft_dist.memory.values import DTYPES, LocalValueTable
 from smft_dist.model import SmftConfig, SmftForCausalLM
 from smft_dist.optim import RowSparseAdamW, build_memory_optimizer, freeze_dense
 from smft_dist.patch.ledger import recording as ledger_recording
@@ -141,8 +141,9 @@ class Trainer:
     def train_step(self, micro_batches: list[dict] | dict) -> dict:
         """One optimizer step over `optim.grad_accum` micro-batches (a dict: one micro-batch).
 
-        The step's loss is the mean over all its label tokens on this rank (micro-batch k's loss
-        weighs n_k / sum n), so K micro-batches of b rows train as one batch of K x b rows. Access
+        The step's loss is the mean over the label tokens of the global batch: micro-batch k on
+        rank r weighs n_rk / N (N: the label tokens of every micro-batch on every rank), so any
+        world size and K micro-batches of b rows train as one batch of world x K x b rows. Access
         counts accumulate over the K forwards, and in sparse memory finetuning the global top-t is
         chosen after the last forward, before its backward: it covers every micro-batch on every rank.
         Row gradients of micro-batches 1..K-1 travel unrestricted (their selection is not known yet)
@@ -154,8 +155,7 @@ class Trainer:
         for t in self.tables:
             t.zero_step()
         n_labels = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
-        rank_labels = sum(n_labels)
-        global_labels = self._all_sum([rank_labels])[0]
+        global_labels = self._all_sum([sum(n_labels)])[0]
         if global_labels == 0:  # empty or all-padding batch: nothing to learn, no selection
             log.warning("skipping a step whose global batch has no label tokens (empty or all padding)")
             return {"skipped": 1, "rows_selected": 0}
@@ -172,15 +172,18 @@ class Trainer:
                 selected, stats = select_for_model(self.tables, self.df_indexes, self.cfg.selection)
                 metrics["rows_selected"] = sum(s.selected for s in stats)
                 metrics["rows_touched"] = sum(s.candidates for s in stats)
-            if n_label == 0:
+            if n_label == 0:  # its loss is the NaN mean over no tokens: it weighs nothing, in the log too
                 weighted = out.logits.sum() * 0.0  # this rank has nothing to learn but must join the backward
             else:
-                weighted = loss * (n_label / rank_labels)
+                # This micro-batch's share of the global-mean loss, x world: the engines average the
+                # dense gradients over ranks and row_scale divides the rows' rank sum by world.
+                weighted = loss * (n_label * self.ctx.world_size / global_labels)
+                loss_sum += loss.item() * n_label
             self.engine.backward(weighted, sync=last)
-            loss_sum += loss.item() * n_label
             tokens += int(batch["attention_mask"].sum())
         self.nonfinite_in_a_row = 0
-        # sum over ranks -> mean, as for dense weights; per_token: x the global label tokens (docs/design.md §5.2)
+        # The rows' gradients are summed over ranks: / world -> the gradient of the global-mean loss
+        # (mean), x the global label tokens -> of the loss summed over them (per_token, docs/design.md §5.2)
         row_scale = (global_labels if self.cfg.optim.memory_lr_scale == "per_token" else 1) / self.ctx.world_size
         for t in self.tables:
             t.scale_grad_(row_scale)
@@ -221,7 +224,8 @@ class Trainer:
         return {"world_size": self.ctx.world_size, "mp": self.ctx.mp_size, "dp_replicate": self.ctx.dp_replicate,
                 "engine": self.cfg.dist.engine, "method": self.cfg.method, "mode": self.cfg.mode,
                 "model": OmegaConf.to_container(OmegaConf.structured(self.cfg.model)),
-                "lora": OmegaConf.to_container(OmegaConf.structured(self.cfg.lora))}
+                "lora": OmegaConf.to_container(OmegaConf.structured(self.cfg.lora)),
+                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg))}  # a resume checks it (train.loop)
 
 
 def build_fresh_model(cfg: RunConfig, ctx: DistContext) -> tuple[SmftForCausalLM, list]:
@@ -257,15 +261,34 @@ def build_fresh_model(cfg: RunConfig, ctx: DistContext) -> tuple[SmftForCausalLM
     return model, tables
 
 
+def weights_to_fp32(model: SmftForCausalLM) -> None:
+    """Every floating weight in fp32 except the memory value tables (`model.memory_value_dtype`,
+    whose bf16 rows the memory optimizers give fp32 master rows).
+
+    Hugging Face folders are often stored in bf16 and `from_pretrained` keeps that dtype; the plain
+    engine and FSDP2 keep no master copy (AdamW would round each update into bf16: small steps
+    vanish), and precision=bf16 is autocast over fp32 weights (DeepSpeed's bf16 mode makes its own
+    bf16 copy and fp32 masters from them)."""
+    value_dtype = DTYPES[model.config.memory_value_dtype]
+    values = {id(layer.values.weight) for layer in model.memory_layers()}
+    for p in model.parameters():
+        p.data = p.data.to(value_dtype if id(p) in values else torch.float32)
+    for b in model.buffers():
+        if b.is_floating_point():
+            b.data = b.data.float()
+
+
 def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
     """Compose model, sharding, method, engine and df index. Weights come from model.init_from (a
     checkpoint or an HF folder), else a seeded fresh init; resuming a run is the checkpointer's."""
     hf_dir, init_ckpt = _init_source(cfg)
     if init_ckpt is not None:  # before anything is built or loaded
         ckpt.check_model_matches(cfg.model, ckpt.read_meta(init_ckpt).get("model", {}), init_ckpt)
+        ckpt.check_intact(init_ckpt)
     if hf_dir is not None:
-        model = SmftForCausalLM.from_pretrained(hf_dir)  # on the host
+        model = SmftForCausalLM.from_pretrained(hf_dir)  # on the host, in the dtype it was stored in
         ckpt.check_model_matches(cfg.model, model.config.to_dict(), hf_dir)
+        weights_to_fp32(model)
         # Shard on the host: each rank's device receives its own rows only, never the whole table
         # (shard_memory creates the shards on ctx.device, outside the model's registered modules).
         tables = shard_memory(model, ctx) if ctx.world_size > 1 else [layer.values for layer in model.memory_layers()]
@@ -314,6 +337,10 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
         log.info("every dense weight is frozen: dist.engine=%s has nothing to do, the plain engine runs",
                  cfg.dist.engine)
     if cfg.dist.engine == "deepspeed" and has_dense:
+        # One process keeps its tables registered (a plain HF model); DeepSpeed's bf16 mode would
+        # cast them with the module, away from model.memory_value_dtype (sharded tables never are).
+        for layer, table in zip(model.memory_layers(), tables):
+            layer.set_value_table(table, register=False)
         opt, sched = make_opt(run_model)
         ds_config = deepspeed_config(cfg.dist.zero_stage, cfg.data.batch_size, ctx.world_size, cfg.optim.grad_accum,
                                      cfg.optim.grad_clip, cfg.precision, cfg.dist.deepspeed_config)

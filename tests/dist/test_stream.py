@@ -55,7 +55,7 @@ def test_stream_learns_chunks_in_order_and_resumes_bitwise_after_a_kill(chunks, 
     samples_per_chunk = 2 * 64  # 2 facts x their paraphrases; global batch 2 ranks x 16
     assert all(rec["steps"] == samples_per_chunk // 32 for rec in log)
     for c, rec in enumerate(log):  # each chunk evaluated before and after on what it teaches and on known facts
-        assert {"eval/qa_f1/qa", "eval/qa_f1/known_qa"} <= rec["before"].keys() & rec["after"].keys(), c
+        assert {f"eval/qa_f1/part{c}/qa", "eval/qa_f1/known_qa"} <= rec["before"].keys() & rec["after"].keys(), c
     assert log[1]["checkpoint"].endswith("chunk_1/checkpoints")
     meta = json.loads((latest_dir(whole / "chunk_1/checkpoints") / "meta.json").read_text())
     assert meta["step"] == log[1]["steps"]

@@ -104,7 +104,7 @@ def two_step_run(rel_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("target,how", [("memory/layer1.rows_0_256.safetensors", "truncate"),
-                                        ("memory_optim/rows_0_256.pt", "flip"), ("data.json", "flip")])
+                                        ("memory_optim/rows_0_256.safetensors", "flip"), ("data.json", "flip")])
 def test_damaged_file_is_named_with_the_previous_step_then_fallback_resumes(target, how, two_step_run, rel_data,
                                                                             tmp_path):
     import shutil

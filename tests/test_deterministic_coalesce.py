@@ -1,0 +1,88 @@
+"""`RowSparse.coalesce` sums each id's rows in an order fixed by the order they were added, with no
+accumulating scatter whose CUDA kernel leaves the order of a float sum to its atomics: replicas
+that hold the same entries in the same order (tests/dist/test_replica_sums.py) get the same bits."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from smft_dist.memory.values import RowSparse
+
+aten = torch.ops.aten
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# The sums torch.use_deterministic_algorithms lists as nondeterministic on CUDA (they accumulate
+# with atomics, in the order the threads happen to run); index_put_ counts when accumulate=True,
+# cumsum on floats.
+ORDER_DEPENDENT_ON_CUDA = {aten.index_add, aten.index_add_, aten.scatter_add, aten.scatter_add_, aten.scatter_reduce,
+                           aten.scatter_reduce_, aten.put, aten.put_, aten.bincount, aten.embedding_bag,
+                           aten._embedding_bag}
+
+
+class AtenOps(TorchDispatchMode):
+    """Records every aten op run inside it, with its arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _order_dependent(func, args, kwargs) -> bool:
+    if func.overloadpacket in ORDER_DEPENDENT_ON_CUDA:
+        return True
+    if func.overloadpacket in (aten.index_put, aten.index_put_, aten._index_put_impl_):
+        return bool(kwargs.get("accumulate", args[3] if len(args) > 3 else False))
+    if func.overloadpacket in (aten.cumsum, aten.cumsum_):
+        return args[0].is_floating_point()
+    return False
+
+
+def _entries(device):
+    """Row gradients of 3 ids in 4 chunks. Id 7's rows 1e8, 1, -1e8, 1 sum to 1 left to right in fp32
+    (1e8 + 1 rounds to 1e8: the fp32 spacing there is 8) and to 0 pairwise: the order shows."""
+    acc = RowSparse()
+    f = dict(dtype=torch.float32, device=device)
+    acc.add(torch.tensor([7, 2], device=device), torch.tensor([[1e8, 0.5], [0.5, 3.0]], **f))
+    acc.add(torch.tensor([7], device=device), torch.tensor([[1.0, 0.25]], **f))
+    acc.add(torch.tensor([7, 2, 4], device=device), torch.tensor([[-1e8, 0.25], [0.25, -3.0], [2.0, 2.0]], **f))
+    acc.add(torch.tensor([7], device=device), torch.tensor([[1.0, 1e8]], **f))
+    return acc
+
+
+def test_coalesce_sums_each_ids_rows_pairwise_in_the_order_added():
+    ids, vals = _entries("cpu").coalesce((2,))
+    assert torch.equal(ids, torch.tensor([2, 4, 7]))
+    # id 7: (1e8 + 1) + (-1e8 + 1) = 0 and (0.5 + 0.25) + (0.25 + 1e8) = 1e8 (+1 is below its spacing);
+    # id 2: 0.5 + 0.25, 3 - 3; id 4: its one row. Exact: each is one fixed sequence of fp32 adds.
+    want = torch.tensor([[0.75, 0.0], [2.0, 2.0], [0.0, 1e8]])
+    assert torch.equal(vals, want)
+
+
+def test_coalesce_runs_no_sum_whose_order_cuda_leaves_to_atomics():
+    for dtype, trailing in ((torch.float32, (2,)), (torch.long, ())):  # row gradients, access counts
+        acc = _entries("cpu") if dtype == torch.float32 else RowSparse()
+        if dtype == torch.long:
+            acc.add(torch.tensor([3, 1, 3]), torch.tensor([2, 1, 5]))
+            acc.add(torch.tensor([1]), torch.tensor([4]))
+        with AtenOps() as ops:
+            acc.coalesce(trailing, dtype=dtype)
+        bad = [str(func) for func, args, kwargs in ops.calls if _order_dependent(func, args, kwargs)]
+        assert not bad, f"coalesce ran {bad}: on CUDA their sums' order depends on thread scheduling"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_coalesce_under_deterministic_algorithms(device):
+    """torch refuses, in this mode, the ops that have no deterministic kernel on the device (on
+    CUDA: float cumsum, accumulating put_, bincount with weights...), and picks deterministic ones
+    where it has both. On CPU, where coalesce's ops are all deterministic, this proves only that
+    none is refused and the mode changes no bit; on CUDA it also proves no CUDA kernel is refused."""
+    want = _entries(device).coalesce((2,))
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = _entries(device).coalesce((2,))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
