@@ -151,10 +151,11 @@ def retrofit_model(dense: LlamaForCausalLM, layers: Sequence[int], *, mode: str 
 
 def write_model_section(model: SmftForCausalLM, folder: Path, out: Path) -> Path:
     """`folder/model.yaml`: the run config's `model:` section for the model folder `out`
-    (init_from = out; `folder` is where it is written before it becomes `out`)."""
+    (init_from = out, absolute: a run may start from any folder; `folder` is where it is written
+    before it becomes `out`)."""
     from omegaconf import OmegaConf
 
-    section = {"init_from": str(out), **model.config.to_model_section()}
+    section = {"init_from": str(Path(out).resolve()), **model.config.to_model_section()}
     path = folder / "model.yaml"
     OmegaConf.save(OmegaConf.create({"model": section}), path)
     return path

@@ -102,3 +102,17 @@ def test_patch_apply_out_refused_leaves_no_out_and_names_the_model(dense_dir, tm
     assert patch_main(["apply", patch_file("mine.smftpatch", values_RD[ids_U]), str(model), "--out", str(out)]) == 0
     patched_RD = load_file(str(out / "model.safetensors"))["model.layers.1.mlp.memory.values.weight"]
     assert torch.equal(patched_RD[ids_U], values_RD[ids_U] + 1) and tree_digest(model) == untouched
+
+
+def test_model_yaml_names_the_retrofit_absolutely(dense_dir, tmp_path, monkeypatch):
+    """`--out retro` given relative to one folder: the model.yaml it writes still names the folder when
+    a run loads it from another working directory (it wrote `init_from: retro` before)."""
+    from smft_dist.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert retrofit_main(["--model", str(dense_dir), "--out", "retro", "--layers", "1", *MEMORY_FLAGS]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(str(tmp_path / "retro" / "model.yaml"))
+    assert cfg.model.init_from == str(tmp_path / "retro") and (tmp_path / "retro" / "config.json").is_file()
