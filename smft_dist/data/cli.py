@@ -125,13 +125,16 @@ def convert(args) -> dict:
     return result
 
 
-def _write_groups(args, tmp: Path, enc: Encoder, groups: list[list[dict]], what: str) -> tuple[WriteStats, list[int]]:
+def _write_groups(args, tmp: Path, enc: Encoder, groups: list[list[dict]],
+                  what: str) -> tuple[WriteStats, list[int], list[int]]:
     """The grouped MDS of `facts`/`docs` into tmp/train, one group after the other -> (stats, the
-    indices of the groups written: the group id written for groups[kept[k]] is k)."""
+    indices of the groups written: the group id written for groups[kept[k]] is k, the indices of
+    the groups dropped by --on-long drop)."""
     stats = WriteStats()
     (tmp / "train").mkdir()
     write_mds(tmp / "train", example_samples(enc, groups, stats, args.on_long), grouped=True, progress=what)
-    return stats, [g for g, group in enumerate(groups) if not group[0].get("dropped")]
+    dropped = {g for g, group in enumerate(groups) if group[0].get("dropped")}
+    return stats, [g for g in range(len(groups)) if g not in dropped], sorted(dropped)
 
 
 def _texts_per_group(items: list[dict], n: int, user: dict | None, make, what: str, flag: str) -> list[list[str]]:
@@ -164,13 +167,13 @@ def facts(args) -> dict:
     groups = [[{"where": f"{q['source']} (fact {q['id']!r}, paraphrase {j})", "text": t, "group": g}
                for j, t in enumerate(ts)] for g, (q, ts) in enumerate(zip(qa, texts))]
     with atomic_dir(args.out, args.overwrite) as tmp:
-        stats, kept = _write_groups(args, tmp, enc, groups, "facts")
+        stats, kept, dropped = _write_groups(args, tmp, enc, groups, "facts")
         with open(tmp / "qa.jsonl", "w") as f:  # evaluation: the facts that were written, every answer
             f.writelines(json.dumps(dict(qa[g], group=k)) + "\n" for k, g in enumerate(kept))
         with open(tmp / "statements.jsonl", "w") as f:
             f.writelines(json.dumps({"id": qa[g]["id"], "group": k, "paraphrases": texts[g]}) + "\n"
                          for k, g in enumerate(kept))
-        dropped_ids = [q["id"] for q, group in zip(qa, groups) if group[0].get("dropped")]
+        dropped_ids = [qa[g]["id"] for g in dropped]
         info = _info(args.tokenizer, enc, "facts", stats, groups=len(kept), paraphrases=args.paraphrases,
                      dropped_ids=dropped_ids)
         write_info(tmp / "train", **info)
@@ -195,11 +198,11 @@ def docs(args) -> dict:
     groups = [[{"where": f"chunk {c['id']!r} augmentation {j}", "text": t, "group": g} for j, t in enumerate(ts)]
               for g, (c, ts) in enumerate(zip(chunks, texts))]
     with atomic_dir(args.out, args.overwrite) as tmp:
-        stats, kept = _write_groups(args, tmp, enc, groups, "chunks")
+        stats, kept, dropped = _write_groups(args, tmp, enc, groups, "chunks")
         with open(tmp / "chunks.jsonl", "w") as f:
             f.writelines(json.dumps(dict(chunks[g], group=k, augmentations=texts[g])) + "\n"
                          for k, g in enumerate(kept))
-        dropped_ids = [c["id"] for c, group in zip(chunks, groups) if group[0].get("dropped")]
+        dropped_ids = [chunks[g]["id"] for g in dropped]
         info = _info(args.tokenizer, enc, "docs", stats, groups=len(kept), augmentations=args.augmentations,
                      chunk_tokens=args.chunk_tokens, dropped_ids=dropped_ids)
         write_info(tmp / "train", **info)

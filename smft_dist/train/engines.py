@@ -237,10 +237,7 @@ class FSDP2Engine(PlainEngine):
         for module in self.module.modules():
             if not isinstance(module, FSDPModule):
                 continue
-            state = module._get_fsdp_state()
-            # a list in current torch; older releases (pyproject allows them) hold one group, or None
-            groups = state._fsdp_param_groups if hasattr(state, "_fsdp_param_groups") else [state._fsdp_param_group]
-            for group in filter(None, groups):
+            for group in module._get_fsdp_state()._fsdp_param_groups:  # torch of the lock (constraints.txt)
                 for param in group.fsdp_params:
                     param.unsharded_accumulated_grad = None
                     if hasattr(param, "_unsharded_param"):  # created lazily, at the first all-gather
