@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from smft_dist.errors import UserError
 
@@ -59,6 +59,9 @@ class ModelConfig:
     memory_value_dtype: str = "float32"  # float32 | bfloat16
     memory_mode: str = "replace"  # replace (the FFN) | add (beside the FFN, zero-init gate: smft-retrofit)
     activation_checkpointing: bool = False  # recompute decoder blocks in backward (not the memory blocks)
+    # where the memory shard and its optimizer row state live: none (the device) | host (host
+    # memory, pinned where CUDA exists; each lookup copies in only the rows it reads: docs/offload.md)
+    memory_offload: str = "none"
 
 
 @dataclass
@@ -93,6 +96,14 @@ class OptimConfig:
     memory_lr_scale: str = "per_token"
     train_dense: bool = True  # pretrain/full: False trains only the memory layers (and add-mode gates)
     memory_optimizer: str = "sgd"  # sparse-memory finetuning: sgd | adamw (ablation)
+    # memory values trained densely (pretrain, method=full): adamw (2 fp32 moments per value) |
+    # rowwise_adagrad (1 fp32 per row) | adam_rowwise (per-row second moment; per-value momentum
+    # unless memory_row_momentum is false). Sparse memory finetuning refuses a non-default value.
+    memory_row_optimizer: str = "adamw"
+    memory_row_momentum: bool = True  # adam_rowwise only: keep its per-value first moment
+    # bf16 memory values trained densely: no fp32 master rows; each updated row is written back by
+    # stochastic rounding seeded by the run's seed (docs/configuration.md, optim/rounding.py)
+    memory_stochastic_rounding: bool = False
     momentum: float = 0.0
     max_nonfinite_steps: int = 3  # stop after this many non-finite losses in a row
     grad_accum: int = 1  # micro-batches per optimizer step (the global batch is batch_size x world x grad_accum)
@@ -100,10 +111,19 @@ class OptimConfig:
 
 @dataclass
 class SelectionConfig:
-    top_t: int = 500
+    # rows one step trains: an int, or auto: per step, the fewest top-ranked rows that hold auto_mass of
+    # the step's total score mass, at most top_t_max (docs/design.md §1.2)
+    top_t: Union[int, str] = 500
+    auto_mass: float = 0.5  # top_t=auto only
+    top_t_max: Optional[int] = None  # top_t=auto only, and required there: it bounds the rows a step trains
     mode: str = "tfidf"  # tfidf | tf | all (every touched row: an ablation)
     background_batches: int = 1000
     df_path: Optional[str] = None  # background df index (default: from the checkpoint)
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows one step selects (mode tfidf or tf): top_t, or top_t_max under auto."""
+        return self.top_t_max if self.top_t == "auto" else self.top_t
 
 
 @dataclass
@@ -126,6 +146,9 @@ class DistConfig:
     backend: str = "auto"  # auto | nccl | gloo
     device: str = "auto"  # auto | cpu | cuda
     timeout_s: float = 300.0
+    # how a sharded memory lookup crosses ranks (docs/memory_exchange.md): pooled partial sums,
+    # unique rows, or auto (per step, whichever its shape-based byte estimate says moves less)
+    memory_exchange: str = "auto"  # auto | pooled | rows
 
 
 @dataclass
@@ -137,6 +160,10 @@ class CheckpointConfig:
     fallback: bool = False  # resume=auto: when the latest step is damaged, resume from the newest intact one
     # resume a checkpoint whose run was trained under different training keys (train.loop.TRAINING_SECTIONS)
     allow_config_change: bool = False
+    # start from weights (model.init_from) trained on data of another tokenizer than data.train's
+    # (their tokenizer fingerprints differ): only where the new tokenizer keeps every id the weights
+    # learned, e.g. tokens appended to the old vocabulary (docs/data.md "Tokenizer identity")
+    allow_tokenizer_change: bool = False
 
 
 @dataclass
@@ -146,7 +173,9 @@ class LedgerConfig:
 
     enabled: bool = True
     dir: Optional[str] = None
-    fsync: bool = True  # each record durable before the next step (a killed process is safe either way)
+    # when records are made durable (docs/patches.md): "checkpoint" = before each checkpoint and at the
+    # end of the run; "step" = also each record as the background writer appends it
+    fsync: str = "checkpoint"  # checkpoint | step
 
 
 @dataclass
@@ -196,11 +225,15 @@ _CHOICES = {
     "selection.mode": ("tfidf", "tf", "all"),
     "optim.schedule": ("constant", "cosine"),
     "optim.memory_optimizer": ("sgd", "adamw"),
+    "optim.memory_row_optimizer": ("adamw", "rowwise_adagrad", "adam_rowwise"),
     "optim.memory_lr_scale": ("mean", "per_token"),
     "dist.engine": ("none", "deepspeed", "fsdp2"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "dist.device": ("auto", "cpu", "cuda"),
+    "ledger.fsync": ("checkpoint", "step"),
+    "dist.memory_exchange": ("auto", "pooled", "rows"),
     "model.memory_value_dtype": ("float32", "bfloat16"),
+    "model.memory_offload": ("none", "host"),
     "model.memory_mode": ("replace", "add"),
     "precision": ("fp32", "bf16"),
 }
@@ -218,6 +251,9 @@ def _load_yaml(path: Path, seen: tuple = ()) -> Any:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and friends
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not OmegaConf.is_dict(node) or not node:  # an empty file loads as {}, a list or a scalar as such
+        raise ConfigError(f"{path}: holds no config (an empty file, or not a mapping of keys): pass a run config "
+                          f"YAML such as configs/tiny/pretrain.yaml")
     bases = node.pop("base", None) or []
     if isinstance(bases, str):
         bases = [bases]
@@ -238,7 +274,7 @@ def _merge_into(schema, node, source: str, schema_name: str = "smft_dist.config.
         msg = str(e).splitlines()[0]
         raise ConfigError(
             f"{source}: bad config key '{key}': {msg}. "
-            f"Valid keys are the fields of {schema_name} (see README 'Configuration')."
+            f"Valid keys are the fields of {schema_name} (see docs/configuration.md)."
         ) from None
 
 
@@ -294,6 +330,29 @@ def _get(cfg: RunConfig, dotted: str):
     return obj
 
 
+def _validate_top_t(sel: SelectionConfig) -> None:
+    """selection.top_t is an int >= 1, or auto with its share in (0, 1] and its cap; the auto keys
+    are refused beside an int t (they would do nothing)."""
+    if sel.top_t != "auto":
+        if isinstance(sel.top_t, str) or sel.top_t < 1:
+            raise ConfigError(f"selection.top_t={sel.top_t!r} must be an integer >= 1 or auto")
+        for key, value, default in (("auto_mass", sel.auto_mass, 0.5), ("top_t_max", sel.top_t_max, None)):
+            if value != default:
+                raise ConfigError(f"selection.{key}={value} applies to selection.top_t=auto only, not "
+                                  f"selection.top_t={sel.top_t}: remove it, or set selection.top_t=auto")
+        return
+    if sel.mode == "all":
+        raise ConfigError("selection.top_t=auto picks a number of top-scored rows, but selection.mode=all selects "
+                          "every touched row: use selection.mode=tfidf (or tf), or a fixed selection.top_t")
+    if sel.top_t_max is None or sel.top_t_max < 1:
+        raise ConfigError(f"selection.top_t=auto needs selection.top_t_max >= 1 (got {sel.top_t_max}), the most rows "
+                          "one step may train: it bounds the step's row gradients and the optimizer's row state "
+                          "(e.g. selection.top_t_max=500, the paper's fixed t for facts)")
+    if not 0 < sel.auto_mass <= 1:
+        raise ConfigError(f"selection.auto_mass={sel.auto_mass} must be in (0, 1]: the share of the step's score "
+                          "mass the selected rows must hold (0.5: the fewest rows holding half of it)")
+
+
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     """Cross-field checks; each error names the key and the fix. `world_size` adds the
     parallel-size arithmetic, done at start-up once the world is known."""
@@ -335,7 +394,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
             )
     if len(set(m.memory_layers)) != len(m.memory_layers):
         raise ConfigError(f"model.memory_layers={m.memory_layers} has duplicates")
-    for key in ("data.seq_len", "data.batch_size", "steps", "selection.top_t", "selection.background_batches",
+    for key in ("data.seq_len", "data.batch_size", "steps", "selection.background_batches",
                 "optim.max_nonfinite_steps", "optim.grad_accum", "logging.every"):
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 1")
@@ -343,6 +402,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                 "logging.progress_every_s"):
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= 0")
+    _validate_top_t(cfg.selection)
     if cfg.data.seq_len > m.max_position_embeddings:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
                           f"{m.max_position_embeddings}: shorten the sequences or raise the limit")
@@ -351,6 +411,21 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
                           "wait for a peer before the run fails)")
     if not (cfg.optim.lr > 0 and cfg.optim.memory_lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError("optim.lr and optim.memory_lr must be finite and > 0")
+    o = cfg.optim
+    memory_trains_densely = cfg.mode == "pretrain" or (cfg.mode == "finetune" and cfg.method == "full")
+    if o.memory_row_optimizer != "adamw" and not memory_trains_densely:
+        raise ConfigError(f"optim.memory_row_optimizer={o.memory_row_optimizer} applies where the memory values train "
+                          f"densely (mode=pretrain, or mode=finetune with method=full), not mode={cfg.mode} "
+                          f"method={cfg.method}: remove it (sparse memory finetuning's optimizer is "
+                          f"optim.memory_optimizer)")
+    if not o.memory_row_momentum and o.memory_row_optimizer != "adam_rowwise":
+        raise ConfigError(f"optim.memory_row_momentum=false applies to optim.memory_row_optimizer=adam_rowwise only, "
+                          f"not {o.memory_row_optimizer}: remove it, or set optim.memory_row_optimizer=adam_rowwise")
+    if o.memory_stochastic_rounding and not (memory_trains_densely and m.memory_value_dtype == "bfloat16"):
+        raise ConfigError(f"optim.memory_stochastic_rounding=true applies where bf16 memory values train densely "
+                          f"(model.memory_value_dtype=bfloat16 with mode=pretrain, or mode=finetune method=full), not "
+                          f"mode={cfg.mode} method={cfg.method} model.memory_value_dtype={m.memory_value_dtype}: "
+                          f"remove it (sparse memory finetuning keeps its deterministic fp32 master rows)")
     d = cfg.dist
     if d.dp_replicate < 1 or d.mp < 0:
         raise ConfigError(f"dist.dp_replicate={d.dp_replicate} must be >= 1 and dist.mp={d.mp} >= 0")
@@ -411,8 +486,8 @@ def check_paths(cfg: RunConfig) -> None:
             raise ConfigError(f"{k}={path} does not exist: {fix}")
         if must_hold and not (p / must_hold).is_file():
             raise ConfigError(f"{k}={path} has no {must_hold}: expected {fix}")
-        if must_hold == "index.json" and mds_samples(p / must_hold) == 0:
-            raise ConfigError(f"{k}={path} holds no samples: check what wrote it")
+        if must_hold == "index.json":
+            check_mds_folder(k, p)
         if k == key:
             _check_written_data(cfg, key, p)
 
@@ -435,6 +510,49 @@ def _check_written_data(cfg: RunConfig, key: str, folder: Path) -> None:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} but {key}={folder} holds samples of {written} tokens "
                           f"(its smft_data.json): set data.seq_len={written}, or rewrite the data with "
                           f"smft-data --seq-len {cfg.data.seq_len}")
+
+
+def check_mds_folder(key: str, folder: Path) -> int:
+    """-> the samples of the local MDS folder `folder` (`key` names it in errors), checked without
+    reading a sample: index.json parses and lists shards; each shard exists with the byte size
+    index.json records and a header that counts its samples and whose last offset is its size
+    (a few bytes read per shard, so a truncated, emptied, overwritten or replaced shard fails here,
+    before a run writes anything); smft_data.json, where present, is what `smft-data` writes."""
+    from smft_dist.errors import reason
+
+    fix = "write the folder again with `smft-data` (or restore it)"
+    index = folder / "index.json"
+    try:
+        shards = json.loads(index.read_text())["shards"]
+        listed = [(s["raw_data"]["basename"], int(s["raw_data"]["bytes"]), int(s["samples"]), s.get("zip_data"))
+                  for s in shards]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{key}={folder}: {index} is not a readable MDS index ({reason(e)}): {fix}") from None
+    if sum(n for _, _, n, _ in listed) == 0:
+        raise ConfigError(f"{key}={folder} holds no samples: check what wrote it")
+    for name, size, samples, zipped in listed:
+        shard = folder / name
+        if not shard.is_file():
+            if zipped and (folder / zipped["basename"]).is_file():
+                continue  # compressed: streaming unpacks it when first read
+            raise ConfigError(f"{key}={folder}: shard {shard} is missing: {fix}")
+        with open(shard, "rb") as f:  # MDS shard: uint32 sample count, then its n + 1 uint32 offsets
+            count = int.from_bytes(f.read(4), "little")
+            f.seek(4 + 4 * count)
+            end = int.from_bytes(f.read(4), "little")
+        have = shard.stat().st_size
+        if have != size or count != samples or end != have:
+            raise ConfigError(f"{key}={folder}: shard {shard} is damaged (it has {have} bytes and a header of {count} "
+                              f"samples ending at byte {end}; index.json lists {size} bytes, {samples} samples): {fix}")
+    info = folder / "smft_data.json"
+    if info.is_file():
+        try:
+            written = json.loads(info.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{key}={folder}: {info} is unreadable ({reason(e)}): {fix}") from None
+        if not isinstance(written, dict) or "seq_len" not in written:
+            raise ConfigError(f"{key}={folder}: {info} is not what `smft-data` writes (no seq_len): {fix}")
+    return sum(n for _, _, n, _ in listed)
 
 
 def mds_samples(index: Path) -> Optional[int]:

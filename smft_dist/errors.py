@@ -17,6 +17,17 @@ class UserError(Exception):
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)
 
+# What third-party readers (json, transformers, tokenizers) raise on a damaged or foreign file;
+# a reader catches these around the call that parses the user's file and raises its UserError.
+# UnicodeDecodeError and json.JSONDecodeError are ValueErrors.
+READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError)
+
+
+def reason(e: BaseException) -> str:
+    """`Type: first line of the message`: a third-party error's cause inside a one-line error."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+
 
 def console_script(main):
     """`main(argv) -> exit code`, with user errors printed as one `error:` line and exit 2."""
@@ -25,8 +36,8 @@ def console_script(main):
     def run(argv=None) -> int:
         try:
             return main(argv)
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
+        except USER_ERRORS as e:  # one line, whatever the message quotes (a YAML parser's, say)
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
             return 2
 
     return run

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from smft_dist.memory.values import RowSparse
+from smft_dist.memory.values import RowSparse, sum_by_id
+from tests.sync_ops import SyncCounter
 
 aten = torch.ops.aten
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -86,3 +87,57 @@ def test_coalesce_under_deterministic_algorithms(device):
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _pairwise_reference(ids: list[int], vals: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each id's rows in arrival order, summed level by level: ((v0 + v1) + (v2 + v3)) + v4."""
+    out = {}
+    for i in sorted(set(ids)):
+        level = [vals[n] for n, j in enumerate(ids) if j == i]
+        while len(level) > 1:
+            level = [level[k] + level[k + 1] if k + 1 < len(level) else level[k] for k in range(0, len(level), 2)]
+        out[i] = level[0]
+    return out
+
+
+def test_sum_by_id_is_the_pairwise_tree_with_one_host_read():
+    """Runs of 1 to 9 rows per id (odd and even lengths, up to 4 levels), values spread over 16
+    orders of magnitude so that any other order of the adds shows in the bits."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.repeat_interleave(torch.arange(12), torch.randint(1, 10, (12,), generator=g))
+    ids = ids[torch.randperm(ids.numel(), generator=g)]
+    vals = torch.randn(ids.numel(), 3, generator=g) * 10.0 ** torch.randint(-8, 8, (ids.numel(), 1), generator=g)
+    with SyncCounter() as syncs:
+        uniq, sums = sum_by_id(ids, vals)
+    assert len(syncs) == 1, syncs.breakdown()  # the number of ids and the longest run, read together
+    ref = _pairwise_reference(ids.tolist(), vals)
+    assert uniq.tolist() == sorted(ref) and all(torch.equal(sums[k], ref[i]) for k, i in enumerate(uniq.tolist()))
+
+
+def test_one_sorted_unique_entry_is_already_coalesced():
+    """One micro-batch's rows on one rank: coalesce runs no op at all (so no host sync); two such
+    entries, or one that may repeat ids, are still summed."""
+    ids, vals = torch.tensor([2, 5, 9]), torch.tensor([[1.0], [2.0], [3.0]])
+    acc = RowSparse()
+    acc.add(ids, vals, sorted_unique=True)
+    with AtenOps() as ops:
+        got = acc.coalesce((1,))
+    assert ops.calls == [] and got[0] is ids and got[1] is vals
+    acc.add(torch.tensor([5]), torch.tensor([[4.0]]), sorted_unique=True)
+    assert acc.coalesce((1,))[1].flatten().tolist() == [1.0, 6.0, 3.0]
+    repeats = RowSparse()
+    repeats.add(torch.tensor([4, 4]), torch.tensor([1, 2]))
+    assert [t.tolist() for t in repeats.coalesce()] == [[4], [3]]
+
+
+def test_scale_by_one_runs_nothing_and_other_factors_scale_in_place():
+    """The trainer scales every step's row gradients by 1 / world: at world 1 nothing may copy them."""
+    acc = _entries("cpu")
+    before = [v.clone() for v in acc._vals]
+    with AtenOps() as ops:
+        acc.scale_(1.0)
+    assert ops.calls == []
+    with AtenOps() as ops:
+        acc.scale_(0.5)
+    assert {str(func) for func, _, _ in ops.calls} == {"aten.mul_.Tensor"}  # no new tensor
+    assert all(torch.equal(v, b * 0.5) for v, b in zip(acc._vals, before))

@@ -97,3 +97,34 @@ def test_out_of_range_ids_rejected():
     layer = make_layer()
     with pytest.raises(IndexError, match="outside"):
         layer.values.embedding_bag(torch.tensor([[0, 64]]), torch.ones(1, 2))
+
+
+def test_lookup_reads_the_host_once_and_restricts_rows_exactly():
+    """One process, grad restricted to some rows: a forward, backward and the step's coalesced
+    counts and gradient make 2 host syncs, the lookup's `unique` and the restriction's `nonzero`
+    (no id check on the layer's own ids, no merge of a single sorted entry, no boolean masks).
+    The restricted gradient is the unrestricted one's allowed rows, bit for bit."""
+    from tests.sync_ops import SyncCounter
+    x = torch.randn(2, 4, 24)
+    layer = make_layer()
+    layer(x).pow(2).sum().backward()
+    all_ids, all_grad = layer.values.sparse_grad()
+    allowed = all_ids[::2].flip(0)  # restrict_grad_to takes them in any order
+    layer = make_layer()
+    layer.values.restrict_grad_to(allowed)
+    with SyncCounter() as syncs:
+        layer(x).pow(2).sum().backward()
+        ids, grad = layer.values.sparse_grad()
+        layer.values.access_counts()
+    assert [op for op, _ in syncs.events] == ["aten._unique2.default", "aten.nonzero.default"], syncs.breakdown()
+    assert torch.equal(ids, all_ids[::2]) and torch.equal(grad, all_grad[::2])
+
+
+def test_a_direct_lookup_checks_its_ids_with_one_host_read():
+    """Ids from outside the layer are checked (test_out_of_range_ids_rejected), at the cost of one
+    read of their smallest and largest together."""
+    from tests.sync_ops import SyncCounter
+    layer = make_layer()
+    with SyncCounter() as syncs:
+        layer.values.embedding_bag(torch.tensor([[0, 63]]), torch.ones(1, 2))
+    assert [op for op, _ in syncs.events] == ["aten._unique2.default", ".tolist()"], syncs.breakdown()

@@ -1,6 +1,8 @@
 """`smft-inspect --plan`: its parameter-derived figures equal the bytes of real tensors built on the
 meta device (the model, PEFT's adapters, AdamW's state after a step, the memory shard and its
-optimizer's row state and its growth), and the paper model's plan fits an 80 GB GPU."""
+optimizer's row state and its growth, the bf16 copies of frozen linears), DeepSpeed's gradient
+bucket equals the one a real ZeRO-1 engine allocates, and the paper model's plan fits an 80 GB GPU.
+(tests/test_plan_vs_profiler.py checks the per-step terms against a profiled step.)"""
 import json
 import math
 
@@ -13,7 +15,7 @@ from smft_dist.memory.values import DTYPES, ValueTable
 from smft_dist.model.memory_plan import build_meta_model, memory_plan
 from smft_dist.optim import RowSparseAdamW, build_memory_optimizer
 from tests.conftest import ROOT
-from tests.test_row_state import PeakBytes
+from tests.test_row_state import PeakBytes, dense_state_bytes
 
 WORLD = MP = 4
 
@@ -56,8 +58,18 @@ def measured(cfg) -> dict:
         state = nbytes(t for s in opt.state.values() for k, t in s.items() if k != "step")
         state += nbytes(trainable) if ds_bf16 else 0  # DeepSpeed's fp32 master weights
     out["dense_optimizer"] = math.ceil(state / (WORLD if fsdp or zero >= 1 else 1))
-    # rank 0's memory shard (the largest) and its optimizer's row state, grown one row at a time
-    # to every row it may update (the path whose last growth starts from the largest old capacity)
+    # the plain engine under bf16 gives each frozen linear a bf16 copy of its weight and bias
+    out["frozen_bf16_weights"] = 0
+    if cfg.precision == "bf16" and (sparse or cfg.dist.engine == "none") and not trainable:
+        from smft_dist.train.engines import cast_frozen_linears_bf16
+
+        frozen = build_meta_model(cfg).requires_grad_(False)
+        cast_frozen_linears_bf16(frozen)
+        out["frozen_bf16_weights"] = nbytes(t for m in frozen.modules() if hasattr(m, "_bf16_weight")
+                                           for t in (m._bf16_weight, m._bf16_bias) if t is not None)
+    # rank 0's memory shard (the largest) and its optimizer's row state: trained densely, every
+    # row's, allocated at once; in sparse finetuning grown one row at a time to every row it may
+    # update (the path whose last growth starts from the largest old capacity)
     N, D = cfg.model.memory_n_keys ** 2, cfg.model.memory_value_dim
     table = ValueTable(N, D, *RowShardPlan(N, MP).bounds(0), dtype=DTYPES[cfg.model.memory_value_dtype],
                        device="meta")
@@ -66,9 +78,11 @@ def measured(cfg) -> dict:
     opt = build_memory_optimizer([table], cfg.optim) if sparse else RowSparseAdamW([table], 1e-3)
     row_state = opt.states[0]
     out["memory_optimizer"] = out["memory_optimizer_growth"] = 0
-    if row_state.specs and not lora:  # LoRA freezes the memory
+    if row_state.specs and not lora and not sparse:  # LoRA freezes the memory
+        out["memory_optimizer"] = dense_state_bytes(row_state)
+    elif row_state.specs and not lora:
         peak = PeakBytes(row_state)
-        for n in range(1, (min(rows, cfg.steps * cfg.selection.top_t) if sparse else rows) + 1):
+        for n in range(1, min(rows, cfg.steps * cfg.selection.top_t) + 1):
             row_state._reserve(n)
         kept = nbytes([*row_state._bufs.values(), row_state._rows_S])
         out["memory_optimizer"] = kept + rows * 4  # + the slot map
@@ -84,8 +98,9 @@ def measured(cfg) -> dict:
     ["mode=finetune", "method=lora", "dist.engine=deepspeed", "dist.zero_stage=2", "precision=bf16"],
     ["mode=finetune", "method=sparse_memory", "model.memory_value_dtype=bfloat16", "optim.momentum=0.9", "steps=3",
      "selection.top_t=100"],
+    ["mode=finetune", "method=sparse_memory", "precision=bf16", "steps=3", "selection.top_t=100"],
 ], ids=["pretrain-zero1-bf16", "pretrain-fsdp2", "pretrain-2500-row-shard", "full-zero2", "lora-zero2",
-        "sparse-bf16-momentum"])
+        "sparse-bf16-momentum", "sparse-bf16-autocast"])
 def test_plan_parts_equal_meta_tensor_bytes(overrides):
     cfg = load_config(ROOT / "configs/model/tiny.yaml", overrides)
     plan = memory_plan(cfg, WORLD, MP)
@@ -110,3 +125,33 @@ def test_paper_model_plan_fits_an_80gb_gpu(capsys):
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["settings"]["precision"] == "bf16" and plan["settings"]["world"] == 8
     assert 10e9 < plan["total_bytes"] < 80e9
+
+
+def test_deepspeed_buffers_equal_a_zero1_engines_bucket_and_partition(tmp_path):
+    """DeepSpeed ZeRO-1 bf16 on one CPU process: the contiguous gradient bucket it holds during
+    backward (reduce_bucket_size elements, 1 GB in bf16 whatever the model's size) and its fp32
+    gradient partition, against `deepspeed_buffers`."""
+    pytest.importorskip("deepspeed")
+    from smft_dist.distributed import init_distributed
+    from smft_dist.train.trainer import build_run
+
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", ["mode=pretrain", "precision=bf16", "dist.engine=deepspeed",
+                                                          "dist.zero_stage=1", "data.batch_size=2", "data.seq_len=16",
+                                                          f"out_dir={tmp_path}"])
+    import torch.distributed as dist
+
+    try:  # DeepSpeed needs a process group at world 1 too: init_distributed makes one, dropped after
+        trainer = build_run(cfg, init_distributed(cfg.dist))
+        zero = trainer.engine.engine.optimizer
+        buckets = []
+        first = next(p for p in trainer.model.parameters() if p.requires_grad)
+        first.register_hook(lambda g: buckets.append(nbytes(b for bk in zero.ipg_buckets.values() for b in bk.buffer)))
+        ids = torch.randint(3, cfg.model.vocab_size, (2, 16))
+        trainer.train_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        partition = sum(p.numel() for p in zero.single_partition_of_fp32_groups)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    # the flattened bf16 gradient partition and its fp32 copy at the step: 2 + 4 bytes per element
+    assert memory_plan(cfg, 1, 1)["parts"]["deepspeed_buffers"] == buckets[0] + partition * (2 + 4)
+    assert buckets[0] == 500_000_000 * 2

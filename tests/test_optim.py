@@ -1,6 +1,8 @@
 """Row-sparse optimizers and freezing for sparse memory finetuning (single process)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from smft_dist.memory.values import LocalValueTable, ValueTable
 from smft_dist.optim import MaskedAdamW, MaskedSGD, RowSparseAdamW, freeze_dense, merge_state_dicts
@@ -131,7 +133,7 @@ def test_row_sparse_adamw_matches_torch_adamw_on_its_rows():
     others = torch.ones(1000, dtype=torch.bool)
     others[ids] = False
     assert torch.equal(table.weight[others], untouched[others])
-    assert len(opt.states[0]) == 3 and opt.states[0]["step"].tolist() == [4, 4, 4]
+    assert len(opt.states[0]) == 3 and opt.state_dict()["tables"][0]["step"].tolist() == [4, 4, 4]
 
 
 def test_masked_adamw_touches_only_selected_rows_with_per_row_steps():
@@ -179,3 +181,149 @@ def test_optimizer_state_reshards_by_global_row_id():
     halves[1].push_grad(torch.tensor([6]), torch.ones(1, 2))
     loaded[1].step()
     assert loaded[1].state_dict()["tables"][0]["step"].tolist() == [2, 1]
+
+
+def _lazy_adamw_run(value_dtype, chunk_elements, monkeypatch):
+    """5 steps of RowSparseAdamW (weight decay on) on a 40 x 5 table, CHUNK_ELEMENTS =
+    chunk_elements; each step touches 7 + 2 x step random rows (so rows join at different steps and
+    their step counts differ) with gradients of scale 10^(step - 2).
+    -> (table, optimizer, initial weights, [(ids, grad) per step])."""
+    import smft_dist.optim.sparse as sparse
+
+    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", chunk_elements)
+    table = LocalValueTable(40, 5, dtype=value_dtype)
+    table.reset_parameters(torch.Generator().manual_seed(0))
+    init = table.weight.detach().float().clone()
+    opt = RowSparseAdamW([table], lr=0.03, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    g, pushes = torch.Generator().manual_seed(1), []
+    for step in range(5):
+        ids = sorted(torch.randperm(40, generator=g)[:7 + 2 * step].tolist())
+        grad = torch.randn(len(ids), 5, generator=g) * 10 ** float(step - 2)
+        push(table, ids, grad)
+        opt.step()
+        pushes.append((ids, grad))
+    return table, opt, init, pushes
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_lazy_adamw_is_torch_adamw_on_each_row_when_touched(monkeypatch, value_dtype):
+    """Reference: every row its own torch.optim.AdamW (single-tensor, foreach=False), stepped only
+    on the steps whose gradient touches the row (its own step count), from the row's fp32 value.
+    The moments see the same gradients through the same ops (lerp_, mul_, addcmul_): bitwise equal.
+    The weights may differ in the last bits: each update lr / bc1 x m / (sqrt(v) / sqrt(bc2) + eps)
+    is formed here with the bias corrections rounded to fp32 factors and 1/sqrt(bc2) multiplied
+    where torch divides, about 10 roundings of 2^-24 on either side, so the updates differ by at
+    most 10 x 2^-24 of the largest update |u|; the weight's own rounding (w - u) adds an ulp of w,
+    at most 2^-23 |w|. The moments do not depend on the weights and the decay contracts, so these
+    add up over the steps without growing: per step at most 2^-20.7 |u| + 2^-23 |w|."""
+    table, opt, init, pushes = _lazy_adamw_run(value_dtype, 16, monkeypatch)  # chunks of 3 rows
+    refs = {i: torch.nn.Parameter(init[i].clone()) for ids, _ in pushes for i in ids}
+    ref_opts = {i: torch.optim.AdamW([p], lr=0.03, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+                for i, p in refs.items()}
+    largest_update = 0.0
+    for ids, grad in pushes:
+        for i, g in zip(ids, grad):
+            before = refs[i].detach().clone()
+            refs[i].grad = g.clone()
+            ref_opts[i].step()
+            largest_update = max(largest_update, (refs[i].detach() - before * (1 - 0.03 * 0.1)).abs().max().item())
+    ids = sorted(refs)
+    want = torch.stack([refs[i].detach() for i in ids])
+    state = opt.states[0]
+    slots = state.slots(torch.tensor(ids))
+    got = state["master"][slots] if value_dtype == torch.bfloat16 else table.weight.detach()[ids]
+    bound = len(pushes) * (10 * 2**-24 * largest_update + 2**-23 * want.abs().max().item())
+    assert largest_update > 1e-2  # the steps moved the rows (~lr)
+    torch.testing.assert_close(got, want, rtol=0, atol=bound)
+    if value_dtype == torch.bfloat16:  # the table holds the master's rounding
+        assert torch.equal(table.weight.detach()[ids], got.bfloat16())
+    for name in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(state[name][slots], torch.stack([ref_opts[i].state[refs[i]][name] for i in ids])
+                           .to(state[name].dtype)), name
+    others = torch.ones(40, dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(table.weight.detach().float()[others], init[others])
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_chunking_does_not_change_lazy_adamw(monkeypatch, value_dtype):
+    """Chunks of 3 rows (16 elements over dim 5) against one chunk: every weight, moment and step
+    count bitwise equal (the update is elementwise and the per-row factors are made once per step)."""
+    chunked, chunked_opt, *_ = _lazy_adamw_run(value_dtype, 16, monkeypatch)
+    whole, whole_opt, *_ = _lazy_adamw_run(value_dtype, 2**24, monkeypatch)
+    assert torch.equal(chunked.weight, whole.weight)
+    for k, v in whole_opt.state_dict()["tables"][0].items():
+        assert torch.equal(chunked_opt.state_dict()["tables"][0][k], v), k
+
+
+class _FullSizeAllocations(TorchDispatchMode):
+    """Counts the new tensors of at least `numel` elements that ops allocate (not in-place results
+    or views: those share an input's storage)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        self.count += sum(o.numel() >= self.numel and o.untyped_storage().data_ptr() not in inputs
+                          for o in tree_leaves(out) if isinstance(o, torch.Tensor))
+        return out
+
+
+def test_adamw_update_makes_no_full_size_temporary(monkeypatch):
+    """100 rows x 16 updated in chunks of 10 rows: no op inside the update makes a new 100 x 16
+    tensor (the whole-tensor formula made 10: the two gathered moments, then 8 temporaries)."""
+    import smft_dist.optim.sparse as sparse
+
+    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", 160)
+    table = make_table(200, 16)
+    opt = RowSparseAdamW([table], lr=0.01, weight_decay=0.1)
+    rows_U = torch.arange(0, 200, 2)
+    w_UD, grad_UD = table.weight[rows_U].float(), torch.randn(100, 16)
+    opt.update_rows(table, opt.states[0], rows_U, w_UD.clone(), grad_UD)  # the state exists: no growth
+    w = w_UD.clone()
+    with _FullSizeAllocations(100 * 16) as allocations:
+        opt.update_rows(table, opt.states[0], rows_U, w, grad_UD)
+    assert allocations.count == 0
+
+
+class _OpsOnRows(TorchDispatchMode):
+    """Records (op, dtypes of its tensor operands and results) for every op that reads or writes rows:
+    a 2-d tensor of at least `numel` elements (not the per-row ids, slots and step counts)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if any(t.dim() == 2 and t.numel() >= self.numel for t in tensors):
+            self.ops.append((func.overloadpacket.__name__, {t.dtype for t in tensors}))
+        return out
+
+
+def test_lazy_adamw_step_gathers_rows_by_copy_and_computes_in_fp32(monkeypatch):
+    """A whole step (weights, moments, per-row step counts; 100 of 200 rows in chunks of 10) on the
+    rows' scale: rows are gathered by `index_select` and written by `index_copy_` (aten::index and
+    index_put compute an offset per element: ~10x slower on CPU at D = 128), and no op on a chunk
+    takes a float64 operand (the per-row bias corrections are rounded to fp32 once per step, not
+    applied in float64 to every element and copied back)."""
+    import smft_dist.optim.sparse as sparse
+
+    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", 160)
+    table = make_table(200, 16)
+    opt = RowSparseAdamW([table], lr=0.01, weight_decay=0.1)
+    rows = torch.arange(0, 200, 2)
+    for _ in range(2):  # the second step finds every row's state
+        push(table, rows.tolist(), torch.randn(100, 16))
+        coalesced = table.sparse_grad()  # outside the record: the table's gradient, not the optimizer's ops
+        monkeypatch.setattr(table, "sparse_grad", lambda: coalesced)
+        with _OpsOnRows(160) as recorded:
+            opt.step()
+    names = {name for name, _ in recorded.ops}
+    assert {"index_select", "index_copy_"} <= names and not names & {"index", "index_put_", "_index_put_impl_"}
+    assert [name for name, dtypes in recorded.ops if torch.float64 in dtypes] == []

@@ -167,7 +167,7 @@ def change_of(k, before, after) -> tuple[float, float]:
 def test_learn_ten_facts_and_revert_fact_k(learned, patch_base_model, tmp_path):
     from smft_dist.patch.apply import live_target
     from smft_dist.patch.ledger import batch_identity
-    from smft_dist.train.export import load_checkpoint_model
+    from smft_dist.checkpoint.model import load_checkpoint_model
 
     run, batches = learned
     k = 4
@@ -272,7 +272,7 @@ def test_a_step_is_complete_only_when_every_rank_recorded_it(tmp_path):
     """Two ranks' files: rank 1 died before step 3; a torn index entry is ignored; reopening at
     step 1 (a resume) cuts both ranks' files there."""
     meta = {"layers": ["m"], "num_rows": 8, "dim": 2}
-    ranks = [Ledger.open(tmp_path, rank=r, world_size=2, names=["m"], meta=meta, fsync=False) for r in (0, 1)]
+    ranks = [Ledger.open(tmp_path, rank=r, world_size=2, names=["m"], meta=meta) for r in (0, 1)]
     _write_steps(ranks[0], [1, 2, 3], lambda s: [s - 1])  # rank 0 owns rows 0-3
     _write_steps(ranks[1], [1, 2], lambda s: [4 + s])
     ranks[1]._index.write(b"\x01\x02\x03")  # a torn entry

@@ -181,7 +181,7 @@ def test_retrofit_pretrain_index_finetune_on_two_ranks_then_export(dense_dir, ti
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     got = _load_and_generate_without_smft_dist(hf, outside)
-    from smft_dist.train.export import load_checkpoint_model
+    from smft_dist.checkpoint.model import load_checkpoint_model
 
     ref, _ = load_checkpoint_model(tmp_path / "ft/checkpoints")
     with torch.no_grad():

@@ -138,3 +138,26 @@ def test_background_index_save_load_reshard_and_refusal(tmp_path):
     assert shard.df.tolist() == [3, 4, 5, 6, 7] and (shard.row_start, shard.row_end) == (3, 8)
     with pytest.raises(ValueError, match="built for 10 slots, model has 16: rebuild it with mode=background_index"):
         BackgroundIndex.load(tmp_path / "df.safetensors", LocalValueTable(16, 4))
+
+
+@pytest.mark.parametrize("mode", ["tf", "tfidf"])
+def test_partial_top_t_keeps_exact_ties_by_lowest_slot(mode):
+    """The local top-t (a partial topk, then the lowest slots among the rows tied at the t-th score)
+    equals a full (-score, slot) sort, over shapes where ties at the t-th score are many (counts
+    1-2, df 0-1), few, or fewer than the rows topk must drop."""
+    for seed in range(30):
+        g = torch.Generator().manual_seed(seed)
+        N, B = 300, 4
+        touched = int(torch.randint(5, 150, (), generator=g))
+        t = int(torch.randint(1, touched, (), generator=g))
+        ids = torch.randperm(N, generator=g)[:touched]
+        counts = torch.randint(1, 2 + seed % 3, (touched,), generator=g)
+        df = torch.randint(0, 1 + seed % 4, (N,), generator=g, dtype=torch.int32)
+        table = counted_table(N, ids.tolist(), counts.tolist())
+        index = index_for(table, dict(enumerate(df.tolist())), B)
+        got, stats = select_top_t(table, index, t, mode)
+        idf = {i: math.log((B + 1) / (df[i].item() + 1)) if mode == "tfidf" else 1.0 for i in range(N)}
+        total = int(counts.sum())
+        ranked = sorted((-(c / total) * idf[i], i) for i, c in zip(ids.tolist(), counts.tolist()))
+        assert got.tolist() == sorted(i for _, i in ranked[:t]), (seed, t, touched)
+        assert int(stats.selected_accesses) == sum(c for i, c in zip(ids.tolist(), counts.tolist()) if i in got)

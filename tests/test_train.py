@@ -44,7 +44,7 @@ def test_export_loads_in_fresh_process_and_generates(tiny_pretrained, tiny_data,
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import smft_dist.model
-from smft_dist.train.export import load_checkpoint_model
+from smft_dist.checkpoint.model import load_checkpoint_model
 m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}).eval()
 tok = AutoTokenizer.from_pretrained({str(tmp_path / 'hf')!r})
 x = tok(["where was"], return_tensors="pt")

@@ -122,7 +122,7 @@ def _step(model, v: _Variant, x, sel_cfg, args, record: bool) -> None:
     if record:
         v.rows.append({"step": t4 - t0, "forward": t1 - t0, "select": t2 - t1, "backward": t3 - t2,
                        "update": t4 - t3, "keys": v.keys_t[1] - v.keys_t[0],
-                       "candidates": stats[0].candidates, "selected": stats[0].selected})
+                       "candidates": int(stats[0].candidates), "selected": stats[0].selected})
 
 
 def _rank_body(rank: int, world: int, args, slots: int) -> dict:

@@ -4,12 +4,18 @@
 
 The step of `smft_dist.bench.finetune_step` (same dense model and memory layer builders: forward
 with the sparse all-to-all lookup, TF-IDF top-t, backward of the selected rows, MaskedSGD) at the
-paper's t = 500 and value_dim = 1024 with bf16 values, run in turn without the ledger, with it
-(each record flushed to the page cache: safe against a killed process) and with it fsynced
-(safe against a lost machine), steps alternating so that all three see the same machine load.
-Reports per mode the median step time (max over ranks), the ledger's own time (the batch hash,
-the row captures and the append, timed inside the step) and its share of the step without the
-ledger, the paired whole-step difference, and the ledger bytes per step (all ranks).
+paper's t = 500 and value_dim = 1024 with bf16 values, run in turn without the ledger, with it at
+its default durability (`ledger.fsync=checkpoint`: records handed to the background writer, fsynced
+at checkpoints) and with `ledger.fsync=step` (the writer also fsyncs every record), steps
+alternating so that all three see the same machine load. Before each step every writer is waited
+for, outside the timing, so no step runs beside another mode's writer.
+
+Reports per mode the median step time (max over ranks), the ledger's time on the training thread
+(the batch hash, the row captures and the hand-over, timed inside the step: what the step waits
+for) and its share of the step without the ledger, the writer thread's time per record
+(serialise, write, fsync: it runs beside the next step, on a GPU node while the GPU computes), the
+paired whole-step difference, the ledger bytes per step (all ranks) and, for the default mode, the
+time of the checkpoint's `sync()` over every step's records (the fsync a checkpoint waits for).
 """
 from __future__ import annotations
 
@@ -28,11 +34,13 @@ from smft_dist.distributed.spawn import run_ranks
 from smft_dist.patch.ledger import Ledger
 
 MODES = ("off", "ledger", "ledger_fsync")
+FSYNC = {"ledger": "checkpoint", "ledger_fsync": "step"}  # ledger.fsync of each ledger mode
 
 
 class _LedgeredOptimizer:
     """The memory optimizer with the trainer's ledger hook around its step; times the hook's own
-    work (capture the rows before, capture after and append the record) apart from the update."""
+    work on the training thread (capture the rows before, capture after, hand the record to the
+    writer) apart from the update."""
 
     def __init__(self, opt, ledger: Ledger, tables):
         self.opt, self.ledger, self.tables = opt, ledger, tables
@@ -65,12 +73,14 @@ def _rank_body(rank: int, world: int, args, root: str) -> dict:
         t.weight.data = t.weight.data.to(torch.bfloat16)
     plain = v.opt
     ledgers = {mode: Ledger.open(os.path.join(root, mode), rank=rank, world_size=world, names=["layer"],
-                                 meta={"benchmark": True}, fsync=mode == "ledger_fsync") for mode in MODES[1:]}
+                                 meta={"benchmark": True}, fsync=FSYNC[mode]) for mode in MODES[1:]}
     sel_cfg = argparse.Namespace(top_t=args.top_t, mode="tfidf")
     hooked = {mode: _LedgeredOptimizer(plain, ledgers[mode], v.tables) for mode in ledgers}
     times = {mode: [] for mode in MODES}
     for step in range(args.warmup + args.steps):
         for mode in MODES:
+            for ledger in ledgers.values():
+                ledger.wait()
             v.opt = hooked.get(mode, plain)
             t0 = time.perf_counter()
             if mode in ledgers:
@@ -83,8 +93,14 @@ def _rank_body(rank: int, world: int, args, root: str) -> dict:
                     row["ledger"] = begin_s + hooked[mode].ledger_s[-1]
                     row["step"] += begin_s
                 times[mode].append(row)
+    t0 = time.perf_counter()
+    ledgers["ledger"].sync()  # what a checkpoint after these steps waits for
+    sync_s = time.perf_counter() - t0
+    for ledger in ledgers.values():
+        ledger.close()
     dist.barrier()
     return {"times": times, "bytes": {m: ledgers[m].bytes_written for m in ledgers},
+            "write_s": {m: ledgers[m].write_s for m in ledgers}, "sync_s": sync_s,
             "selected": times["off"][0]["selected"] if times["off"] else 0}
 
 
@@ -105,14 +121,19 @@ def main(argv=None) -> None:
         med, worst = _summarise([r["times"][mode] for r in ranks])
         res = {"median_step_s": med["step"], "median_update_s": med["update"]}
         if mode != "off":
-            # the ledger's own time (slowest rank) over the step without it: the figure to quote;
+            # the ledger's training-thread time (slowest rank) over the step without it: the figure to quote;
             # the paired whole-step difference beside it is dominated by CPU noise on a shared machine
             res["median_ledger_s"] = med["ledger"]
             res["ledger_share_of_step"] = med["ledger"] / off_med["step"]
             res["paired_step_difference"] = statistics.median(
                 (a - b) / b for a, b in zip(worst["step"], off_worst["step"]))
             res["bytes_per_step"] = sum(r["bytes"][mode] for r in ranks) / (args.warmup + args.steps)
+            res["writer_s_per_step"] = max(r["write_s"][mode] for r in ranks) / (args.warmup + args.steps)
+            res["fsync"] = FSYNC[mode]
         results[mode] = res
+    # the slowest rank's fsync of all steps' records at once: a checkpoint every `steps` steps
+    results["ledger"]["checkpoint_sync_s"] = max(r["sync_s"] for r in ranks)
+    results["ledger"]["steps_per_checkpoint_sync"] = args.warmup + args.steps
     t, d = ranks[0]["selected"], args.value_dim
     out = {"benchmark": "ledger", "config": vars(args), "torch": torch.__version__,
            "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),

@@ -31,8 +31,8 @@ def _capture(table, store: dict):
     """Wrap `table.embedding_bag` to keep this step's slots_TK, weights_TK and dL/dy_TD."""
     original = table.embedding_bag
 
-    def embedding_bag(idx_TK, w_TK):
-        y_TD = original(idx_TK, w_TK)
+    def embedding_bag(idx_TK, w_TK, **kwargs):
+        y_TD = original(idx_TK, w_TK, **kwargs)
         store.update(idx=idx_TK.detach(), w=w_TK.detach().float())
         if y_TD.requires_grad:
             y_TD.register_hook(lambda g: store.__setitem__("dy", g.detach().float()))

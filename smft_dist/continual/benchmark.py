@@ -271,7 +271,7 @@ def prepare_data(c: ContinualConfig, out: Path) -> Path:
 
 def pretrain_and_index(c: ContinualConfig, out: Path, data: Path, seed: int) -> dict:
     """Pretraining seed `seed`'s stages (each unless reusable), with the real training loop -> timings."""
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
 
     root, times = seed_dir(out, seed), {}
     common = [f"data.seq_len={c.benchmark.seq_len}", f"seed={seed}"]
@@ -302,7 +302,7 @@ def pretrain_and_index(c: ContinualConfig, out: Path, data: Path, seed: int) -> 
 def _pretrain_dense(c: ContinualConfig, root: Path, data: Path, common: List[str], times: dict) -> None:
     """The dense model (the dense twin, or the model the retrofit path starts from): the memory
     model's config without memory layers, pretrained on the same data with the same settings."""
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
 
     latest = ckpt.latest_checkpoint(root / "dense_pretrain" / "checkpoints")
     if latest is None or ckpt.read_meta(latest)["step"] < c.pretrain.steps:
@@ -328,8 +328,8 @@ def retrofit_and_continue(c: ContinualConfig, root: Path, data: Path, common: Li
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from smft_dist.model.retrofit import retrofit
-    from smft_dist.train import checkpoint as ckpt
-    from smft_dist.train.export import load_checkpoint_model
+    from smft_dist.checkpoint import layout as ckpt
+    from smft_dist.checkpoint.model import load_checkpoint_model
 
     times, m = {}, c.run.model
     hf, smft = root / "dense_hf", root / "retrofit_model"
@@ -494,7 +494,7 @@ def run_setting(cfg: RunConfig, ctx, bench: Bench, task: Task, before: dict, des
 def evaluate_pretrained(c: ContinualConfig, out: Path, bench: Bench, seed: int) -> dict:
     """Seed `seed`'s pretrained models before finetuning: known-fact F1 and held-out NLL (with the
     memory zeroed too), and each task's F1 before learning (`before[init][task]`: a run's step 0)."""
-    from smft_dist.train.export import load_checkpoint_model
+    from smft_dist.checkpoint.model import load_checkpoint_model
 
     root = seed_dir(out, seed)
     inits = {"memory": root / "background_index" / "checkpoints"}

@@ -207,7 +207,7 @@ def _runs_phrase(cfg: dict) -> str:
 
 
 def headline(report: dict) -> str:
-    """The headline tables (the README shows this file as the run wrote it)."""
+    """The headline tables (docs/demo_results.md shows this file as the run wrote it; the README quotes its tables)."""
     cfg = report["config"]
     lines = [f"Means ± std over {_runs_phrase(cfg)}; the setting of each method is chosen at matched learning "
              f"(report.md says how).", ""]

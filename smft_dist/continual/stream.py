@@ -84,7 +84,7 @@ def run_stream(config: list[str], chunks: list[str], out: str | Path, overrides:
                eval_qa: list[str] = (), eval_nll: str | None = None) -> int:
     """Learn `chunks` in order (see the module docstring). -> 0, or the loop's preemption exit code."""
     from smft_dist.distributed import init_distributed
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
     from smft_dist.train.loop import train
 
     out = Path(out)

@@ -31,7 +31,8 @@ from smft_dist.data.mds import (Encoder, WriteStats, example_samples, merge_part
 from smft_dist.data.real import fact_statements, load_paraphrases, qa_rows
 from smft_dist.data.sources import check_inputs, read_rows
 from smft_dist.data.synthetic import SyntheticWorld
-from smft_dist.data.tokenizer import load_tokenizer, special_token_ids, train_word_tokenizer
+from smft_dist.data.tokenizer import (FINGERPRINT_KEY, load_tokenizer, special_token_ids, tokenizer_fingerprint,
+                                      train_word_tokenizer)
 from smft_dist.errors import console_script
 from smft_dist.io import atomic_dir
 
@@ -51,8 +52,10 @@ def normalise(where: str, row: dict) -> dict:
 
 
 def _info(tokenizer: str | Path, enc: Encoder, layout: str, stats: WriteStats, **extra) -> dict:
-    """What `smft_data.json` records (the run checks data.seq_len against it)."""
-    return {"layout": layout, "tokenizer": str(Path(tokenizer).resolve()), "seq_len": enc.seq_len,
+    """What `smft_data.json` records (the run checks data.seq_len, vocab_size and the tokenizer
+    fingerprint against it)."""
+    return {"layout": layout, "tokenizer": str(Path(tokenizer).resolve()),
+            FINGERPRINT_KEY: tokenizer_fingerprint(enc.tokenizer), "seq_len": enc.seq_len,
             "vocab_size": enc.vocab_size, **special_token_ids(enc.tokenizer), **vars(stats), **extra}
 
 
@@ -326,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.seq_len < 4:
         raise DataError(f"--seq-len {args.seq_len} is too small: use at least 4")
+    for flag in ("vocab_size", "limit", "paraphrases", "augmentations", "chunk_tokens"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise DataError(f"--{flag.replace('_', '-')} {value} must be >= 1")
     if args.command == "synthetic":
         try:
             world = SyntheticWorld(seed=args.seed, n_known=args.n_known, n_new=args.n_new,

@@ -29,6 +29,7 @@ import numpy as np
 
 from smft_dist.data.loader import DataError
 from smft_dist.data.streaming_compat import import_streaming
+from smft_dist.errors import reason
 
 INFO_FILE = "smft_data.json"
 COLUMNS = {"input_ids": "ndarray:int32", "attention_mask": "ndarray:uint8", "loss_mask": "ndarray:uint8"}
@@ -201,9 +202,17 @@ def write_info(out_dir: str | Path, **info) -> None:
 
 
 def read_info(mds_dir: str | Path) -> dict | None:
-    """The `smft_data.json` of a local MDS folder (None if absent)."""
+    """The `smft_data.json` of a local MDS folder (None if absent; a DataError naming it if damaged)."""
     f = Path(mds_dir) / INFO_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    try:
+        info = json.loads(f.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
+        raise DataError(f"{f} is unreadable ({reason(e)}): write the data again with `smft-data`") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{f} is not an smft_data.json (a JSON object): write the data again with `smft-data`")
+    return info
 
 
 def _with_progress(samples: Iterable[dict], label: str, every_s: float = 30.0) -> Iterator[dict]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from smft_dist.data.loader import DataError
+from smft_dist.errors import reason
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -56,18 +57,28 @@ class _Part:
         return keep
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file (plain, .gz or .zst); bytes that are not UTF-8 text of
+    that compression raise a DataError naming the file."""
+    try:
+        with open_text(path) as f:
+            yield from enumerate(f, 1)
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: not UTF-8 text ({reason(e)}): the file is damaged or of another format; "
+                        f"use {FORMATS}") from None
+
+
 def _jsonl(path: Path, part: _Part) -> Iterator[tuple[str, dict]]:
-    with open_text(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip() or not part.mine():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not a JSON object ({e}): write one object per line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: a JSON {type(row).__name__}, not an object: write one object per line")
-            yield f"{path}:{i}", row
+    for i, line in _lines(path):
+        if not line.strip() or not part.mine():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not a JSON object ({e}): write one object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: a JSON {type(row).__name__}, not an object: write one object per line")
+        yield f"{path}:{i}", row
 
 
 def _parquet(path: Path, part: _Part) -> Iterator[tuple[str, dict]]:
@@ -82,10 +93,9 @@ def _parquet(path: Path, part: _Part) -> Iterator[tuple[str, dict]]:
 
 
 def _text(path: Path, part: _Part) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip() and part.mine():
-                yield f"{path}:{i}", {"text": line.strip()}
+    for i, line in _lines(path):
+        if line.strip() and part.mine():
+            yield f"{path}:{i}", {"text": line.strip()}
 
 
 def _hf(name: str, config: str | None, split: str, part: _Part) -> Iterator[tuple[str, dict]]:
@@ -151,4 +161,6 @@ def read_texts_by_id(path: str | Path, field: str) -> dict:
         if "id" not in row or not isinstance(texts, list) or not texts:
             raise DataError(f"{where}: expected {{\"id\", \"{field}\": [one or more texts]}}, got fields {sorted(row)}")
         out[row["id"]] = [str(t) for t in texts]
+    if not out:
+        raise DataError(f"{path} holds no rows: write one {{\"id\", \"{field}\": [...]}} per line")
     return out

@@ -5,6 +5,12 @@
 import beside the CPU torch and break transformers), so for the duration of that import a stand-in
 module provides `VisionDataset`; it is removed again afterwards because `datasets` fails on a
 `torchvision` module whose `__spec__` is None.
+
+Users inspecting shards call it too, in place of `import streaming` (docs/data.md "Inspecting MDS
+shards", whose example tests/test_inspect_shards.py runs):
+
+    streaming = import_streaming()
+    sample = streaming.LocalDataset(local="runs/data/tiny/new_facts")[0]
 """
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ class DistContext:
     dp_replicate: int
     mp_group: Optional[dist.ProcessGroup]  # None only without a process group
     replicate_group: Optional[dist.ProcessGroup]  # None when dp_replicate == 1
+    memory_exchange: str = "auto"  # dist.memory_exchange: how sharded lookups cross ranks
 
     @property
     def replicate_rank(self) -> int:
@@ -130,7 +131,7 @@ def context_from_group(cfg: Optional[DistConfig] = None, device: Optional[torch.
     dp_replicate, mp = _sizes(cfg, world)
     mp_group, replicate_group = _build_groups(rank, world, dp_replicate, mp, timedelta(seconds=cfg.timeout_s))
     return DistContext(rank, world, local_rank, device, backend, mp, rank % mp, dp_replicate, mp_group,
-                       replicate_group)
+                       replicate_group, cfg.memory_exchange)
 
 
 def init_distributed(cfg: Optional[DistConfig] = None) -> DistContext:

@@ -18,10 +18,11 @@ class ReplicaDivergenceError(RuntimeError):
     """The replicas of a memory shard hold different rows."""
 
 
-def shard_digest(weight: torch.Tensor) -> torch.Tensor:
-    """SHA-256 of a shard's bytes (any dtype, any device) -> (32,) uint8 on `weight`'s device."""
+def shard_digest(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """SHA-256 of a shard's bytes (any dtype, any device) -> (32,) uint8 on `device`, where the
+    collectives run (the table's compute device: an offloaded shard lives on the host)."""
     data = weight.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
-    return torch.tensor(list(hashlib.sha256(data).digest()), dtype=torch.uint8, device=weight.device)
+    return torch.tensor(list(hashlib.sha256(data).digest()), dtype=torch.uint8, device=device)
 
 
 def check_replicas(tables, ctx) -> str:
@@ -30,7 +31,7 @@ def check_replicas(tables, ctx) -> str:
     raises ReplicaDivergenceError on every rank if any replica differs anywhere."""
     if ctx.replicate_group is None or not tables:
         return ""
-    mine = torch.stack([shard_digest(t.weight) for t in tables])  # T x 32
+    mine = torch.stack([shard_digest(t.weight, t.compute_device) for t in tables])  # T x 32
     replicas = dist.get_world_size(ctx.replicate_group)
     gathered = mine.new_empty(replicas * mine.numel())  # flat: gloo gathers along dim 0 only
     dist.all_gather_into_tensor(gathered, mine.flatten(), group=ctx.replicate_group)

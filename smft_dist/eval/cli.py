@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from smft_dist.config import check_mds_folder
 from smft_dist.data.loader import DataError
 from smft_dist.data.sources import check_inputs
 from smft_dist.errors import console_script
@@ -67,23 +68,26 @@ def load_eval_model(path: str | Path, tokenizer: str | None = None, device: str 
     folder's own, else the one in-run evaluation used: the checkpoint's model.tokenizer, else the
     one its run's data was written with."""
     import smft_dist.model  # noqa: F401  (registers the "smft" model type)
-    from smft_dist.data.tokenizer import load_tokenizer
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
+    from smft_dist.data.tokenizer import check_tokenizer_of_checkpoint, load_tokenizer
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"model {path} does not exist: pass a checkpoint folder or an exported Hugging Face folder")
     saved_tokenizer = step_dir = None
     if (path / "config.json").is_file() and not (path / "meta.json").is_file():
-        from transformers import AutoModelForCausalLM
+        from smft_dist.checkpoint.model import load_hf_model
 
-        model = AutoModelForCausalLM.from_pretrained(str(path))
+        model = load_hf_model(path)
     else:
-        from smft_dist.train.export import load_checkpoint_model
+        from smft_dist.checkpoint.model import load_checkpoint_model
 
         model, step_dir = load_checkpoint_model(path)
         saved_tokenizer = ckpt.read_meta(step_dir).get("model", {}).get("tokenizer")
-    tok = load_tokenizer(_tokenizer_source(path, tokenizer, step_dir, saved_tokenizer))
+    source = _tokenizer_source(path, tokenizer, step_dir, saved_tokenizer)
+    tok = load_tokenizer(source)
+    if step_dir is not None:
+        check_tokenizer_of_checkpoint(tok, f"the tokenizer {source}", ckpt.read_meta(step_dir), step_dir)
     if len(tok) > model.config.vocab_size:
         raise DataError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}: "
                         f"pass the tokenizer the model was trained with (--tokenizer)")
@@ -149,10 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t for t in args.lm_eval.split(",") if t]
     if not (args.qa or args.nll or tasks):
         raise DataError("nothing to evaluate: pass --qa FILE, --nll MDS_FOLDER and/or --lm-eval TASKS")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise DataError("--batch-size and --max-new-tokens must be >= 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                        ("--nll-batches", args.nll_batches), ("--lm-eval-limit", args.lm_eval_limit)):
+        if value is not None and value < 1:
+            raise DataError(f"{flag} {value} must be >= 1")
     if args.qa:
         check_inputs(args.qa, None)  # a typo fails before the model loads
+    for folder in args.nll:  # a damaged MDS folder too (remote URIs are the loader's)
+        if "://" not in folder:
+            if not Path(folder).is_dir():
+                raise DataError(f"--nll {folder} does not exist: pass an MDS folder written by `smft-data`")
+            check_mds_folder("--nll", Path(folder))
     model, tok = load_eval_model(args.model, args.tokenizer, args.device)
     results = evaluate_model(model, tok, args.qa, args.nll, tasks, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, nll_batches=args.nll_batches,

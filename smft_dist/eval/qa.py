@@ -120,11 +120,16 @@ def evaluate_qa(model, tokenizer, qa_pairs: list[dict], batch_size: int = 32, ma
 def load_qa_jsonl(path: str | Path) -> list[dict]:
     """QA rows of a JSONL file in any layout smft_dist.data.real reads (TriviaQA, NQ-open, SimpleQA,
     the qa.jsonl of `smft-data facts`, the eval/*.jsonl of `smft-data synthetic`), each with
-    `answers` = every accepted answer. Raises DataError naming the file on a missing file or row."""
+    `answers` = every accepted answer. Raises DataError naming the file on a missing file or row,
+    and on a file without rows (its scores would be those of nothing)."""
+    from smft_dist.data.loader import DataError
     from smft_dist.data.real import qa_rows
     from smft_dist.data.sources import read_rows
 
-    return qa_rows(read_rows([str(path)]))
+    rows = qa_rows(read_rows([str(path)]))
+    if not rows:
+        raise DataError(f"{path} holds no QA rows: pass a JSONL with one question per line")
+    return rows
 
 
 def _prompt(qa: dict) -> str:

@@ -51,18 +51,22 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x_BSC: torch.Tensor) -> torch.Tensor:
         B, S, C = x_BSC.shape
         x_NC = x_BSC.reshape(B * S, C)
-        valid = None
+        pos_T = None
         if self.token_mask is not None:
-            valid = self.token_mask[:, -S:].reshape(-1).to(torch.bool)  # with a KV cache, the last S
-            x_TC = x_NC[valid]
+            # positions of the real tokens (with a KV cache, the mask's last S): one nonzero, used to
+            # gather the inputs and to scatter the outputs back
+            pos_T = self.token_mask[:, -S:].reshape(-1).nonzero().squeeze(1)
+            x_TC = x_NC.index_select(0, pos_T)
         else:
             x_TC = x_NC
         slots_THK, scores_THK = self.keys(x_TC)
-        w_THK = softmax_weights(scores_THK)
-        y_TD = self.values.embedding_bag(slots_THK.flatten(1), w_THK.flatten(1))  # flatten: T may be 0
-        if valid is not None:
-            y_ND = y_TD.new_zeros(B * S, self.value_dim)
-            y_TD = y_ND.index_put((valid.nonzero().squeeze(1),), y_TD)
+        w_THK = softmax_weights(scores_THK)  # fp32, as the scores
+        if torch.is_autocast_enabled(x_BSC.device.type):  # the bag in the run's dtype, as the layers around it
+            w_THK = w_THK.to(torch.get_autocast_dtype(x_BSC.device.type))
+        # flatten: T may be 0. in_range: product keys give ids < n_keys^2, the table's rows (set_value_table)
+        y_TD = self.values.embedding_bag(slots_THK.flatten(1), w_THK.flatten(1), in_range=True)
+        if pos_T is not None:
+            y_TD = y_TD.new_zeros(B * S, self.value_dim).index_copy(0, pos_T, y_TD)
         if self.swilu:
             y_TD = y_TD * F.silu(self.w1(x_NC))
         return self.w2(y_TD).view(B, S, C)

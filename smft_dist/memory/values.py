@@ -14,39 +14,60 @@ A `ValueTable` holds rows ``[row_start, row_end)`` of an N x D table. The memory
   row-sparse gradient of their shard.
 
 The table's weight is never part of autograd's graph: a lookup detaches the fetched rows and
-hooks their gradient, so the gradient of the table is always row-sparse (ids + rows) and never
+hooks their gradient (a sharded table's pooled lookup instead computes the rows' gradients at
+their owners, memory/sharded.py), so the gradient of the table is always row-sparse (ids + rows) and never
 an N x D tensor, and no dense engine (DeepSpeed, FSDP) ever sees a gradient for it.
+
+Host offload (`offload_to_host`, the config key model.memory_offload=host, docs/offload.md): the
+shard `weight` lives in host memory (pinned where CUDA exists) and the lookups compute on
+`compute_device`. Every read of rows goes through `unique_rows`: one gather of the unique rows on
+the host and one copy to the device. Row gradients accumulate on the device during the step and
+`sparse_grad` moves them (O(rows touched)) to the host, where the memory optimizer, which follows
+`weight.device`, updates the shard and keeps its row state. `moved_rows` / `moved_bytes` count
+what crossed, per direction. A resident table reads through the same method, without the copy.
 """
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+OFFLOADS = ("none", "host")  # model.memory_offload
 
 
 class RowSparse:
-    """Accumulates (local row id, value) pairs; `coalesce()` sums duplicates. O(rows touched)."""
+    """Accumulates (local row id, value) pairs; `coalesce()` sums duplicates. O(rows touched).
+
+    Owns the tensors added: `scale_` changes them in place."""
 
     def __init__(self):
         self._ids: list[torch.Tensor] = []
         self._vals: list[torch.Tensor] = []
+        self._unique: list[bool] = []  # per entry: its ids are sorted and unique (a host-side fact)
 
-    def add(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+    def add(self, ids: torch.Tensor, vals: torch.Tensor, sorted_unique: bool = False) -> None:
+        """sorted_unique: the caller knows the ids ascend without repeats (torch.unique's do, and any
+        subset of them): an accumulator holding one such entry is already coalesced."""
         if ids.numel():
             self._ids.append(ids)
             self._vals.append(vals)
+            self._unique.append(sorted_unique)
 
     def scale_(self, factor: float) -> None:
-        self._vals = [v * factor for v in self._vals]
+        if factor != 1:  # x * 1 == x bit for bit: no pass over the rows
+            for v in self._vals:
+                v.mul_(factor)
 
     def clear(self) -> None:
         self._ids.clear()
         self._vals.clear()
+        self._unique.clear()
 
     def __bool__(self) -> bool:
         return bool(self._ids)
@@ -58,16 +79,20 @@ class RowSparse:
     def split_off(self, start: int) -> "RowSparse":
         """Remove the entries after the first `start` and return them as a new accumulator."""
         rest = RowSparse()
-        rest._ids, rest._vals = self._ids[start:], self._vals[start:]
-        del self._ids[start:], self._vals[start:]
+        rest._ids, rest._vals, rest._unique = self._ids[start:], self._vals[start:], self._unique[start:]
+        del self._ids[start:], self._vals[start:], self._unique[start:]
         return rest
 
     def coalesce(self, trailing: tuple = (), dtype=torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (sorted unique ids_U, summed values_U...). Empty tensors when nothing was added."""
+        """-> (sorted unique ids_U, summed values_U...). Empty tensors when nothing was added.
+        One entry of sorted unique ids (one micro-batch's rows on one rank) is returned as it is:
+        no work and no host sync, decided on the host."""
         if not self._ids:
             return (torch.empty(0, dtype=torch.long, device=device), torch.zeros((0, *trailing), dtype=dtype, device=device))
+        if len(self._ids) == 1 and self._unique[0]:
+            return self._ids[0], self._vals[0]
         uniq, out = sum_by_id(torch.cat(self._ids), torch.cat(self._vals))
-        self._ids, self._vals = [uniq], [out]
+        self._ids, self._vals, self._unique = [uniq], [out], [True]
         return uniq, out
 
 
@@ -80,22 +105,25 @@ def sum_by_id(ids_N: torch.Tensor, vals_N: torch.Tensor) -> tuple[torch.Tensor, 
     with accumulate) leaves the order of each float sum to the CUDA scheduler's atomics, so
     replicas summing the same gathered rows could differ in the last bit and then diverge
     (distributed/replicas.py fails such a run). O(N log m) for at most m rows per id.
+
+    One host sync: U and m are read together (U sizes the result, m the number of passes).
     """
+    N = ids_N.numel()
     ids_sorted_N, perm_N = torch.sort(ids_N, stable=True)  # one id's rows contiguous, in arrival order
     vals = vals_N.index_select(0, perm_N)
-    uniq_U, counts_U = torch.unique_consecutive(ids_sorted_N, return_counts=True)
-    # position of each row within its id's run (integer cumsum: exact in any order)
-    starts_U = counts_U.cumsum(0) - counts_U
-    pos = torch.arange(ids_N.numel(), device=ids_N.device) - starts_U.repeat_interleave(counts_U)
-    while vals.shape[0] > uniq_U.numel():  # halve every run: row 2j absorbs row 2j + 1 of its id
-        head = pos % 2 == 0
-        paired = head.clone()
-        paired[-1] = False
-        paired[:-1] &= pos[1:] > 0  # the next row has the same id
-        summed = vals[head]
-        summed[paired[head]] += vals[1:][paired[:-1]]
-        vals, pos = summed, pos[head] // 2
-    return uniq_U, vals
+    head_N = torch.ones_like(ids_sorted_N, dtype=torch.bool)
+    head_N[1:] = ids_sorted_N[1:] != ids_sorted_N[:-1]  # the first row of its id
+    run_N = head_N.cumsum(0) - 1  # which id (0..U-1) a row has (integer cumsum: exact in any order)
+    starts_N = torch.searchsorted(run_N, run_N)  # where the row's id starts
+    pos_N = torch.arange(N, device=ids_N.device) - starts_N  # position of the row within its id's rows
+    U, m = torch.stack([run_N[-1] + 1, pos_N.max() + 1]).tolist() if N else (0, 0)
+    h = 1
+    while h < m:  # row p (p % 2h == 0) absorbs row p + h of its id: the pairwise tree, level by level
+        absorbs = (pos_N[:-h] % (2 * h) == 0) & (run_N[h:] == run_N[:-h])
+        vals[:-h] = torch.where(absorbs.view(-1, *[1] * (vals.dim() - 1)), vals[:-h] + vals[h:], vals[:-h])
+        h *= 2
+    heads_U = torch.searchsorted(run_N, torch.arange(U, device=ids_N.device))
+    return ids_sorted_N.index_select(0, heads_U), vals.index_select(0, heads_U)
 
 
 class ValueTable(nn.Module):
@@ -118,6 +146,58 @@ class ValueTable(nn.Module):
         self._counts = RowSparse()  # this step's access counts of local rows
         self._grad = RowSparse()  # this step's row-sparse gradient of local rows
         self._grad_allowed: Optional[torch.Tensor] = None  # sorted global ids allowed to get grads
+        self.offload = "none"  # "host": `weight` lives in host memory (offload_to_host)
+        self._compute_device: Optional[torch.device] = None  # where lookups compute when offloaded
+        # Host <-> device traffic of an offloaded shard, cumulative, per direction: "h2d" the rows
+        # lookups read (and their ids, "d2h"), "d2h" also the row gradients sparse_grad hands over.
+        self.moved_rows: Counter = Counter()
+        self.moved_bytes: Counter = Counter()
+
+    # ----- placement -----
+    @property
+    def compute_device(self) -> torch.device:
+        """Where lookups, their gradients and the access counts live: the weight's device, or for an
+        offloaded shard the device it was on before `offload_to_host`."""
+        return self._compute_device if self.offload == "host" else self.weight.device
+
+    def offload_to_host(self) -> None:
+        """Keep the shard in host memory (pinned where CUDA exists, so copies to the device run at
+        full bandwidth); lookups keep computing on the current device. Call before a memory
+        optimizer is built: its row state follows `weight.device` (optim/row_state.py)."""
+        if self.offload == "host":
+            return
+        self._compute_device = self.weight.device
+        host_RD = torch.empty(self.weight.shape, dtype=self.weight.dtype, device="cpu",
+                              pin_memory=torch.cuda.is_available())
+        host_RD.copy_(self.weight.detach())
+        self.weight.data = host_RD  # the same Parameter: whoever holds it sees the host shard
+        self.offload = "host"
+
+    def unique_rows(self, local_ids_I: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (rows_UD on compute_device, inv_I): rows_UD[inv_I] == weight[local_ids_I].
+
+        Resident: the whole shard and the ids themselves (no copy). Offloaded: the unique ids go
+        to the host (ids_U x 8 bytes), the host gathers their rows in one index_select (into
+        pinned memory where CUDA exists) and one copy moves them to the device (U x D x element
+        bytes); both are counted in `moved_rows` / `moved_bytes`. On a CPU run host == device:
+        the same gather and (no-op) copy run, so the values are those of a resident table."""
+        weight_RD = self.weight.detach()
+        if self.offload != "host":
+            return weight_RD, local_ids_I
+        uniq_U, inv_I = torch.unique(local_ids_I, return_inverse=True)
+        U = uniq_U.numel()
+        host_ids_U = uniq_U.to("cpu")
+        rows_UD = torch.empty((U, self.dim), dtype=weight_RD.dtype, pin_memory=weight_RD.is_pinned())
+        torch.index_select(weight_RD, 0, host_ids_U, out=rows_UD)
+        self.moved_rows["h2d"] += U
+        self.moved_bytes["h2d"] += U * self.dim * weight_RD.element_size()
+        self.moved_bytes["d2h"] += U * host_ids_U.element_size()
+        return rows_UD.to(self.compute_device, non_blocking=True), inv_I.to(torch.long)
+
+    def read_rows(self, local_ids_I: torch.Tensor) -> torch.Tensor:
+        """-> weight[local_ids_I] on compute_device (each unique row moved once when offloaded)."""
+        rows_UD, inv_I = self.unique_rows(local_ids_I)
+        return rows_UD.index_select(0, inv_I)
 
     # ----- initialisation -----
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
@@ -138,10 +218,18 @@ class ValueTable(nn.Module):
                     self.weight[lo - self.row_start:hi - self.row_start] = rows[lo - start:hi - start]
 
     # ----- primitives (may communicate) -----
-    def fetch(self, ids_U: torch.Tensor, counts_U: torch.Tensor) -> torch.Tensor:
+    def fetch(self, ids_U: torch.Tensor, counts_U: torch.Tensor, sorted_ids: bool = False,
+              in_range: bool = False) -> torch.Tensor:
+        """sorted_ids: ids_U ascend (torch.unique's do), so a sharded table need not sort them.
+        in_range: the caller guarantees 0 <= ids_U < num_rows, so a table whose check would read
+        the ids on the host (a sync) skips it; a sharded table's check rides on its one
+        device-to-host copy and always runs."""
         raise NotImplementedError
 
-    def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+    def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor, sorted_ids: bool = False) -> None:
+        """sorted_ids: ids_U ascend (a subset of torch.unique's), so the gradient needs no merge
+        when it is the step's only one (RowSparse.add's sorted_unique). The table may keep grad_UD
+        itself and scale it in place (`scale_grad_`): pass a tensor nothing else reads."""
         raise NotImplementedError
 
     def records_accesses(self) -> bool:
@@ -153,7 +241,11 @@ class ValueTable(nn.Module):
         return (ids >= self.row_start) & (ids < self.row_end)
 
     def check_ids(self, ids: torch.Tensor) -> None:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_rows):
+        """One host read (the smallest and largest id together); the hot path skips it (`in_range`)."""
+        if not ids.numel():
+            return
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+        if lo < 0 or hi >= self.num_rows:
             bad = ids[(ids < 0) | (ids >= self.num_rows)][:5].tolist()
             raise IndexError(
                 f"memory slot ids {bad} are outside [0, {self.num_rows}): the model's memory_n_keys^2 "
@@ -161,37 +253,50 @@ class ValueTable(nn.Module):
             )
 
     # ----- the lookup the memory layer uses -----
-    def embedding_bag(self, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    def embedding_bag(self, idx_TK: torch.Tensor, w_TK: torch.Tensor, in_range: bool = False) -> torch.Tensor:
         """y_TD[t] = sum_k w_TK[t, k] * V[idx_TK[t, k]]; gradients reach w_TK and (row-sparse) V.
+        in_range: the caller guarantees 0 <= idx_TK < num_rows (the memory layer's product keys
+        do), so the ids are not checked where checking would cost a host sync (`fetch`).
 
         Collective for sharded tables: every rank of the group must call it, possibly with T = 0.
         """
         ids_U, inv_TK, counts_U = torch.unique(idx_TK.reshape(-1), return_inverse=True, return_counts=True)
-        rows_UD = self.fetch(ids_U, counts_U).to(w_TK.dtype)
+        rows_UD = self.fetch(ids_U, counts_U, sorted_ids=True, in_range=in_range).to(w_TK.dtype)
         if self.trainable and torch.is_grad_enabled():
             rows_UD = rows_UD.detach().requires_grad_(True)
             rows_UD.register_hook(lambda g, ids=ids_U: self._backward_rows(ids, g))
-        return F.embedding_bag(inv_TK.view(idx_TK.shape), rows_UD, per_sample_weights=w_TK, mode="sum")
+        with record_function("smft/bag"):
+            return F.embedding_bag(inv_TK.view(idx_TK.shape), rows_UD, per_sample_weights=w_TK, mode="sum")
 
     def _backward_rows(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+        """ids_U: sorted unique (torch.unique's)."""
         if self._grad_allowed is not None:
-            # Only the selected rows' gradients leave this rank (docs/design.md §2.4).
-            keep = torch.isin(ids_U, self._grad_allowed)
-            ids_U, grad_UD = ids_U[keep], grad_UD[keep]
-        self.push_grad(ids_U, grad_UD.float())
+            # Only the selected rows' gradients leave this rank (docs/design.md §2.4). Both lists
+            # are sorted and unique: isin skips its `unique` of each; the kept positions are the
+            # one host read (their number sizes what follows).
+            kept = torch.isin(ids_U, self._grad_allowed, assume_unique=True).nonzero().squeeze(1)
+            ids_U, grad_UD = ids_U.index_select(0, kept), grad_UD.index_select(0, kept)
+        self.push_grad(ids_U, grad_UD.float(), sorted_ids=True)
 
     # ----- per-step sparse state -----
     def restrict_grad_to(self, global_ids: Optional[torch.Tensor]) -> None:
         """Limit the next backward's row gradients to these global ids (None: all touched rows)."""
-        self._grad_allowed = None if global_ids is None else torch.sort(global_ids.to(torch.long)).values
+        self._grad_allowed = (None if global_ids is None else
+                              torch.sort(global_ids.to(self.compute_device, torch.long)).values)
 
     def access_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (local row ids_R', counts_R' int64): this step's accesses of this shard's rows."""
-        return self._counts.coalesce(dtype=torch.long, device=self.weight.device)
+        return self._counts.coalesce(dtype=torch.long, device=self.compute_device)
 
     def sparse_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (local row ids_R', grad_R'D fp32): this step's row-sparse gradient of this shard."""
-        return self._grad.coalesce((self.dim,), device=self.weight.device)
+        """-> (local row ids_R', grad_R'D fp32) on weight's device: this step's row-sparse gradient
+        of this shard. Offloaded: each call moves them to the host (counted, "d2h")."""
+        ids_U, grad_UD = self._grad.coalesce((self.dim,), device=self.compute_device)
+        if self.offload != "host":
+            return ids_U, grad_UD
+        self.moved_rows["d2h"] += ids_U.numel()
+        self.moved_bytes["d2h"] += ids_U.numel() * (ids_U.element_size() + self.dim * grad_UD.element_size())
+        return ids_U.to("cpu"), grad_UD.to("cpu")
 
     def scale_grad_(self, factor: float) -> None:
         """Scale this step's row gradients: the trainer turns the sum over data-parallel ranks
@@ -215,14 +320,22 @@ class LocalValueTable(ValueTable):
     def __init__(self, num_rows: int, dim: int, dtype: torch.dtype = torch.float32, device=None):
         super().__init__(num_rows, dim, 0, num_rows, dtype=dtype, device=device)
 
-    def fetch(self, ids_U: torch.Tensor, counts_U: torch.Tensor) -> torch.Tensor:
-        self.check_ids(ids_U)
+    def fetch(self, ids_U: torch.Tensor, counts_U: torch.Tensor, sorted_ids: bool = False,
+              in_range: bool = False) -> torch.Tensor:
+        if not in_range:
+            self.check_ids(ids_U)
         if self.records_accesses():
-            self._counts.add(ids_U, counts_U)
-        return self.weight.detach()[ids_U]
+            self._counts.add(ids_U, counts_U, sorted_unique=sorted_ids)
+        return self.read_rows(ids_U)
 
-    def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
-        self._grad.add(ids_U, grad_UD)
+    def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor, sorted_ids: bool = False) -> None:
+        self._grad.add(ids_U, grad_UD, sorted_unique=sorted_ids)
+
+
+def moved_totals(tables: Iterable[ValueTable]) -> tuple[int, int]:
+    """-> (rows, bytes) the tables have moved between host and device so far, both directions."""
+    tables = list(tables)
+    return (sum(sum(t.moved_rows.values()) for t in tables), sum(sum(t.moved_bytes.values()) for t in tables))
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 
     smft-inspect --config configs/model/smft_1p3b.yaml --mp 8 --json
     smft-inspect --config configs/paper/pretrain_1p3b.yaml --plan --mp 8     # bytes per GPU
+    smft-inspect --config configs/paper/pretrain_1p3b.yaml --plan --mp 8 --memory-optimizer rowwise_adagrad
+    smft-inspect --config configs/paper/pretrain_1p3b.yaml --plan --mp 8 --memory-offload host  # + host per node
 
 No memory is allocated, so the 1.3B paper model is checked on a laptop (or CI). `--plan` adds the
 per-GPU memory of a run (smft_dist.model.memory_plan) at the config's settings, each overridable,
@@ -92,23 +94,33 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=None, help="default: data.seq_len")
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="recompute the decoder blocks in backward (default: model.activation_checkpointing)")
+    p.add_argument("--memory-optimizer", choices=["adamw", "rowwise_adagrad", "adam_rowwise"], default=None,
+                   help="optimizer of memory values trained densely, pretrain/full finetuning (default: the "
+                        "config's optim.memory_row_optimizer; docs/plan.md: its state bytes)")
+    p.add_argument("--memory-offload", choices=["none", "host"], default=None,
+                   help="where the memory shard and its optimizer state live (default: the config's "
+                        "model.memory_offload; docs/offload.md)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs of one node, for --plan's host memory per "
+                                                                "node (default 8)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GB of one GPU, for --plan's verdict (default 80)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
-    if args.mp < 1:
-        p.error("--mp must be >= 1")
+    for flag in ("mp", "world", "micro_batch", "seq_len", "gpus_per_node"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
     if args.gpu_memory <= 0:
         p.error("--gpu-memory must be > 0 (GB of one GPU)")
     flags = {"precision": args.precision, "dist.engine": args.engine, "dist.zero_stage": args.zero_stage,
              "data.batch_size": args.micro_batch, "data.seq_len": args.seq_len,
-             "model.activation_checkpointing": args.activation_checkpointing}
+             "model.activation_checkpointing": args.activation_checkpointing,
+             "optim.memory_row_optimizer": args.memory_optimizer, "model.memory_offload": args.memory_offload}
     overrides = [*args.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     cfg = load_config(args.config, overrides)
     info = inspect_model(cfg.model, args.mp)
     if args.plan:
         from smft_dist.model.memory_plan import memory_plan
 
-        plan = memory_plan(cfg, args.world or args.mp * cfg.dist.dp_replicate, args.mp)
+        plan = memory_plan(cfg, args.world or args.mp * cfg.dist.dp_replicate, args.mp, args.gpus_per_node)
         info["plan"] = dict(plan, gpu_memory_gb=args.gpu_memory, verdict=verdict(plan, args.gpu_memory),
                             engine_note=engine_note(plan, cfg.dist.engine))
     if args.json:
@@ -121,7 +133,13 @@ def main(argv=None) -> int:
         print("\nper-GPU memory plan (" + ", ".join(f"{k} {v}" for k, v in plan["settings"].items()) + ")")
         for k, v in plan["parts"].items():
             print(f"{k:>22}: {v / 1e9:8.2f} GB")
-        print(f"{'total':>22}: {plan['total_gb']:8.2f} GB")
+        print(f"{'total':>22}: {plan['total_gb']:8.2f} GB   (docs/plan.md: what each part counts)")
+        if plan["host_parts"]:
+            print("\nhost memory per GPU's process (model.memory_offload=host, docs/offload.md)")
+            for k, v in plan["host_parts"].items():
+                print(f"{k:>22}: {v / 1e9:8.2f} GB")
+            print(f"{'per node':>22}: {plan['host_gb_per_node']:8.2f} GB   "
+                  f"({min(plan['settings']['gpus_per_node'], plan['settings']['world'])} GPUs)")
         if plan["engine_note"]:
             print(plan["engine_note"])
         print(plan["verdict"])

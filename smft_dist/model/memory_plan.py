@@ -3,51 +3,34 @@
     plan = memory_plan(cfg, world=8, mp=8)      # a RunConfig (mode, method, precision, dist, data)
     plan["total_bytes"], plan["parts"]          # bytes per GPU, and what they are
 
-Parts (bytes on one GPU; P dense parameters, P_t of them trainable, W world, R memory rows of this
-rank's shard, D value dim, T = micro_batch x seq_len tokens, h hidden, I FFN width, V vocab,
-e activation bytes: 2 in bf16, 4 in fp32):
+docs/plan.md lists every part and what it counts. The weight, gradient, optimizer and memory-shard
+parts are the bytes of real tensors (tests/test_memory_plan.py builds them on the meta device);
+the activation, logits and exchange parts count what autograd saves and what the step allocates
+for the code as written (tests/test_plan_vs_profiler.py compares them with the profiler's peak).
+Every part is summed, so the total is an upper bound: the row gradients, the DeepSpeed step's
+copies and (sparse finetuning) the row state's growth are not all alive at the activations' peak.
 
-- dense_weights: P x 2 under DeepSpeed bf16 (it casts the module); P x 4 otherwise (autocast keeps
-  fp32 weights); FSDP2 holds P x 4 / W plus two gathered decoder blocks (the one computing and the
-  one prefetched) in the compute dtype.
-- dense_grads: P_t x (2 DeepSpeed bf16, else 4), / W under ZeRO-2 and FSDP2.
-- dense_optimizer: AdamW's two fp32 moments, plus DeepSpeed bf16's fp32 master weights: P_t x 8
-  (x 12), / W under ZeRO-1/2 and FSDP2. No trainable dense weight (sparse memory finetuning): 0.
-- memory_values: R x D x value bytes per memory layer.
-- memory_optimizer: per memory layer, the row state (`RowState`) at its capacity for the rows
-  that may be updated (every row of the shard for pretraining/full finetuning; min(R, steps x
-  top_t) for sparse memory finetuning, all on one rank at worst): the capacity doubles from 64 rows
-  and stops at R, so it is R at the cap and under 2x the rows with state below it. Per slot:
-  AdamW's two fp32 moments and an int64 step (pretrain/full), SGD momentum if any, the fp32 master
-  copy when values are stored in bf16, and the int64 row id; plus the int32 row -> slot map over R.
-- memory_optimizer_growth: while the row state grows (one table, one buffer at a time) the old
-  copy of one buffer lives beside the new capacity: the largest buffer at the capacity before the
-  last growth. It happens in the optimizer step, after the backward has freed the activations, so
-  counting it on top of them makes the total an upper bound by that much.
-- activations (an estimate, not measured here): per decoder block that backward passes through
-  (with every dense weight frozen, only those above the first memory layer) and token, (7h + 4I) x e saved
-  for backward (norm inputs and outputs, q/k/v, attention output, FFN gate/up/act/product; flash
-  attention saves O(T), not O(T^2)); with activation checkpointing only the block input (h x e) of
-  each recomputed block plus one block being recomputed; memory blocks are never recomputed
-  (trainer.enable_activation_checkpointing) and save their attention part plus the lookup: queries,
-  top-k ids/weights, and the fetched rows U x D x e with their bf16 and fp32 gradients, U bounded by
-  min(T x heads x knn, slots); logits T x V x (e + 4 + 4) (the fp32 copy for the loss and its grad).
-
-Not counted: the CUDA context and allocator fragmentation (leave ~10% headroom), communication
-buckets, the data loader.
+Not counted: the CUDA context and allocator fragmentation (leave ~10% headroom), the optimizers'
+elementwise temporaries (after backward has freed the activations, which are larger), the data
+loader.
 """
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from smft_dist.config import RunConfig
+from smft_dist.memory.sharded import pooled_wire_bytes, rows_wire_bytes
 from smft_dist.memory.values import DTYPES
 from smft_dist.model import SmftConfig, SmftForCausalLM
 
 GB = 1e9
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # elements: DeepSpeed's zero_optimization.reduce_bucket_size default
 
 
 def build_meta_model(cfg: RunConfig) -> SmftForCausalLM:
@@ -61,8 +44,97 @@ def lora_params(model: nn.Module, targets, r: int) -> int:
                if isinstance(m, nn.Linear) and n.split(".")[-1] in set(targets))
 
 
-def memory_plan(cfg: RunConfig, world: int, mp: int) -> dict:
-    """-> {"settings": ..., "parts": {name: bytes per GPU}, "total_bytes": int, "total_gb": float}."""
+@dataclass(frozen=True)
+class Dtypes:
+    """Bytes per element of the step's tensors. e: what the linears compute in (2 under bf16);
+    r: the residual stream (fp32 under autocast, whose adds promote the bf16 block outputs to the
+    fp32 embeddings; bf16 when DeepSpeed or FSDP2 compute in bf16 weights); autocast: whether each linear
+    makes its own bf16 copy of its input (autocast caches the casts of weights, not of inputs)."""
+
+    e: int
+    r: int
+    autocast: bool
+
+
+def norm_bytes(h: int, dt: Dtypes, weights_train: bool) -> int:
+    """Per token, one HF LlamaRMSNorm: its fp32 upcast of x (x itself when fp32: `pow` saves it)
+    and the fp32 rsqrt; when its weight trains, also the normalised x cast back to the residual
+    dtype (the weight multiply saves it for the weight's gradient)."""
+    return 4 * h + 4 + (dt.r * h if weights_train else 0)
+
+
+def attention_bytes(h: int, kv: int, heads: int, dt: Dtypes, weights_train: bool) -> int:
+    """Per token, one attention block: q, k, v and the output that SDPA saves (o_proj's input is a
+    view of that output) and its fp32 log-sum-exp per head (O(T), not O(T^2)); when the weights
+    train, also the inputs of q/k/v_proj (one bf16 cast each under autocast, else one tensor)."""
+    inputs = (3 if dt.autocast else 1) * h * dt.e if weights_train else 0
+    return inputs + (2 * h + 2 * kv) * dt.e + heads * 4
+
+
+def ffn_bytes(h: int, I: int, dt: Dtypes, weights_train: bool) -> int:
+    """Per token, one SwiGLU FFN: the gate and up outputs and the activation (the multiply's and
+    silu's backward need them); when the weights train, also the inputs of gate/up_proj (one cast
+    each under autocast) and the product (down_proj's input)."""
+    if not weights_train:
+        return 3 * I * dt.e
+    return (2 if dt.autocast else 1) * h * dt.e + 4 * I * dt.e
+
+
+def pooled_lookup(cfg: RunConfig, world: int, mp: int, trainable: int) -> bool:
+    """Whether the run's lookups pool at the owners (a sharded table, world > 1) or fetch the unique
+    rows (one process: LocalValueTable; or dist.memory_exchange=rows). `auto` decides as the table
+    does at each step (smft_dist.memory.sharded: the bytes each exchange would put on the wire),
+    here for a micro-batch whose every token is real: pooled at the paper's shapes up to mp ~ 32,
+    unique rows beyond (pooled moves a T x D partial per owner, so its bytes grow with mp)."""
+    exchange = cfg.dist.memory_exchange
+    if world == 1 or exchange != "auto":
+        return world > 1 and exchange == "pooled"
+    mcfg = cfg.model
+    T, K, D = cfg.data.batch_size * cfg.data.seq_len, mcfg.memory_heads * mcfg.memory_knn, mcfg.memory_value_dim
+    backward = cfg.mode != "background_index"
+    row_grads = backward and not (cfg.mode == "finetune" and cfg.method == "lora")  # LoRA freezes the tables
+    wire = 2 if cfg.precision == "bf16" else 4
+    value_bytes = DTYPES[mcfg.memory_value_dtype].itemsize
+    pooled = pooled_wire_bytes([T] * mp, K, mp, D, wire, [trainable > 0] * mp, backward, row_grads)
+    rows = rows_wire_bytes([T] * mp, K, mp, mcfg.memory_n_keys ** 2, D, value_bytes, backward, row_grads)
+    return not rows < pooled  # the table's rule: rows only when strictly fewer bytes
+
+
+def lookup_bytes(mcfg, dt: Dtypes, query_grad: bool, pooled: bool) -> int:
+    """Per token, one memory layer (the lookup and its gated output), what autograd keeps.
+
+    Always: the silu gate (D x e), w2's input (D x e) and the int64 token index that scatters the
+    bag into the padded batch. The bag, per head x knn entry: pooled, the requester's route (int64
+    entry order, int32 local row id and token) and the owner's saved entries (int64 row id and bag,
+    fp32 weight), 36 bytes; unique rows, the bag's int64 inverse ids and fp32 weights plus its three
+    int64 per-token bookkeeping tensors (offsets, offset-to-bag, bag sizes); the fetched rows
+    themselves are `fetched_row_bytes`. When gradient reaches the query (the layer's input
+    requires grad: pretraining, full and LoRA finetuning): the padding mask (1 byte), the query's
+    input and w1's input (h x e each), the fp32 queries the scoring saves (heads x k_dim x 4), the
+    int64 indices of both top-k's (heads x 2 x knn and heads x knn x 8), the fp32 bag output
+    (D x 4: the gate multiply's other factor) and w1's output (D x e)."""
+    h, D, H, K = mcfg.hidden_size, mcfg.memory_value_dim, mcfg.memory_heads, mcfg.memory_knn
+    bag = H * K * 36 if pooled else H * K * (8 + 4) + 3 * 8
+    bag += 8 + 2 * D * dt.e
+    if not query_grad:
+        return bag
+    scoring = 1 + 2 * h * dt.e + H * mcfg.memory_k_dim * 4 + H * K * (2 * 8 + 8)
+    return bag + scoring + D * (4 + dt.e)
+
+
+def fetched_row_bytes(mcfg, T: int) -> int:
+    """The unique-row lookup keeps its fetched rows for backward, cast to the fp32 bag weights:
+    U x D x 4 per memory layer, U at most min(T x heads x knn, slots). The pooled lookup keeps none."""
+    U = min(T * mcfg.memory_heads * mcfg.memory_knn, mcfg.memory_slots)
+    return len(mcfg.memory_layers) * U * mcfg.memory_value_dim * 4
+
+
+def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> dict:
+    """-> {"settings": ..., "parts": {name: bytes per GPU}, "total_bytes": int, "total_gb": float,
+    "host_parts": {name: bytes of host memory per GPU's process}, "host_bytes_per_node": int,
+    "host_gb_per_node": float}. model.memory_offload=host moves the memory shard and its optimizer
+    row state from `parts` to `host_parts` (x gpus_per_node ranks per node, at most world) and adds
+    the device's copy of the rows one lookup reads (`offload_rows`, docs/offload.md)."""
     model = build_meta_model(cfg)
     mcfg = model.config
     value_ids = {id(layer.values.weight) for layer in model.memory_layers()}
@@ -79,6 +151,9 @@ def memory_plan(cfg: RunConfig, world: int, mp: int) -> dict:
     zero = cfg.dist.zero_stage if engine == "deepspeed" else 0
     ds_bf16 = engine == "deepspeed" and bf16
     e = 2 if bf16 else 4
+    # FSDP2 computes in gathered bf16 weights and DeepSpeed casts the module (the embeddings, hence
+    # the residual stream, are bf16 too): only the plain engine runs bf16 as autocast over fp32 weights.
+    dt = Dtypes(e=e, r=2 if bf16 and engine != "none" else 4, autocast=bf16 and engine == "none")
 
     parts = {}
     # dense weights (+ LoRA adapters, held like the weights they adapt)
@@ -92,6 +167,7 @@ def memory_plan(cfg: RunConfig, world: int, mp: int) -> dict:
     parts["dense_grads"] = math.ceil(trainable * (2 if ds_bf16 else 4) / grad_shard)
     opt_shard = world if (engine == "fsdp2" or zero >= 1) else 1
     parts["dense_optimizer"] = math.ceil(trainable * (12 if ds_bf16 else 8) / opt_shard)
+    parts["deepspeed_buffers"] = deepspeed_buffer_bytes(cfg, engine, zero, trainable, world, 2 if ds_bf16 else 4)
 
     # the memory: this rank's shard and the optimizer state of the rows it may update
     rows = math.ceil(mcfg.memory_slots / mp)
@@ -102,76 +178,189 @@ def memory_plan(cfg: RunConfig, world: int, mp: int) -> dict:
     kept, growth = memory_optimizer_bytes(cfg, rows, D, value_dtype)
     parts["memory_optimizer"] = layers * kept
     parts["memory_optimizer_growth"] = growth
+    host_parts = {}
+    offload = cfg.model.memory_offload == "host"
+    if offload:
+        for name in ("memory_values", "memory_optimizer", "memory_optimizer_growth"):
+            host_parts[name] = parts.pop(name)
 
-    # activations of one micro-batch
+    # one micro-batch: what the forward keeps for backward, and the step's transients
     T = cfg.data.batch_size * cfg.data.seq_len
-    h, I, V, L = mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size, mcfg.num_hidden_layers
-    kv = (mcfg.num_key_value_heads or mcfg.num_attention_heads) * (h // mcfg.num_attention_heads)
-    attn = (5 * h + 2 * kv) * e  # norm in/out, q, attention out, o_proj in, post-norm in/out; k, v
-    ffn_block = attn + 4 * I * e
-    U = min(T * mcfg.memory_heads * mcfg.memory_knn, mcfg.memory_slots)
-    hk = mcfg.memory_heads * mcfg.memory_knn
-    lookup_token = mcfg.memory_heads * mcfg.memory_k_dim * e + hk * (8 + 4 + e) + 4 * D * e
-    memory_block = T * (attn + lookup_token) + U * D * (e + e + 4)
-    # Blocks below the first memory layer save nothing when no dense weight trains (sparse memory
-    # finetuning): no gradient flows through them.
-    first = min(mcfg.memory_layers)
-    dense_layers = sum(1 for i in range(L) if i not in mcfg.memory_layers and (trainable or i > first))
-    if not training:
-        act = T * max(ffn_block, attn + lookup_token) + U * D * e  # forward only: one block at a time
-        logits = T * V * e
-    elif cfg.model.activation_checkpointing:
-        act = dense_layers * T * h * e + T * ffn_block + layers * memory_block
-        logits = T * V * (e + 4 + 4)
-    else:
-        act = dense_layers * T * ffn_block + layers * memory_block
-        logits = T * V * (e + 4 + 4)
-    parts["activations"] = act + T * h * e  # + the embedding output
-    parts["logits"] = logits
+    lora = cfg.mode == "finetune" and cfg.method == "lora"
+    memory_trains = training and not lora
+    parts["memory_row_grads"] = memory_row_grad_bytes(cfg, mcfg, rows, world, T) if memory_trains else 0
+    pooled = pooled_lookup(cfg, world, mp, trainable)
+    parts["lookup_exchange"] = lookup_exchange_bytes(mcfg, mp, T, e, pooled) if world > 1 else 0
+    if offload:
+        host_parts["memory_row_grads"] = parts["memory_row_grads"]  # sparse_grad's host copy for the optimizer
+        parts["offload_rows"] = offload_row_bytes(mcfg, rows, world, T, value_dtype.itemsize)
+    # bf16 over fp32 weights (the plain engine): a frozen linear keeps a bf16 copy of its weight for
+    # the whole run (engines.cast_frozen_linears_bf16); autocast casts each trainable linear's
+    # weight once per step and keeps the cast until backward (its cast cache), 2 bytes per element.
+    # Every dense linear trains (pretraining, full finetuning) or none does (sparse memory
+    # finetuning, the df pass, LoRA's base layers, whose adapters are the trainable linears).
+    all_train = trainable == dense
+    linears = linear_elements(model) if dt.autocast else 0
+    parts["frozen_bf16_weights"] = 0 if all_train else 2 * linears
+    parts["autocast_weight_copies"] = (2 * linears if all_train else 2 * trainable) if training and dt.autocast else 0
+    parts["activations"] = activation_bytes(cfg, mcfg, dt, T, trainable, training, pooled)
+    V = mcfg.vocab_size
+    # logits T x V x e stay alive (the output holds them); the loss saves its fp32 log-softmax; at
+    # the top of backward the NLL's T x V fp32 gradient and the log-softmax's fp32 input gradient
+    # join them (under bf16 the fp32 copy of the logits made for the loss is freed once it is used).
+    parts["logits"] = T * V * (e + 12) if training else T * V * e
     total = sum(parts.values())
     settings = {"mode": cfg.mode, "method": cfg.method, "precision": cfg.precision, "engine": engine,
                 "zero_stage": zero, "world": world, "mp": mp, "micro_batch": cfg.data.batch_size,
                 "seq_len": cfg.data.seq_len, "activation_checkpointing": cfg.model.activation_checkpointing,
                 "dense_params": dense, "trainable_dense_params": trainable, "memory_rows_per_rank": rows,
-                "lookup_rows_bound": U}
-    return {"settings": settings, "parts": parts, "total_bytes": total, "total_gb": round(total / GB, 2)}
+                "autocast": dt.autocast, "memory_offload": cfg.model.memory_offload, "gpus_per_node": gpus_per_node}
+    host_node = sum(host_parts.values()) * min(gpus_per_node, world)
+    return {"settings": settings, "parts": parts, "total_bytes": total, "total_gb": round(total / GB, 2),
+            "host_parts": host_parts, "host_bytes_per_node": host_node, "host_gb_per_node": round(host_node / GB, 2)}
 
 
-def memory_optimizer_state_specs(cfg: RunConfig, D: int, value_dtype: torch.dtype) -> dict:
-    """The per-row state the run's memory optimizer keeps (its `_all_specs`, without a table)."""
+def offload_row_bytes(mcfg, rows: int, world: int, T: int, value_bytes: int) -> int:
+    """An offloaded shard's rows on the device while one memory layer's lookup runs (layers run one
+    at a time): the unique rows the owner reads, at most the shard and every rank's T x heads x knn
+    entries, copied in from the host (ValueTable.unique_rows), in the table's dtype."""
+    U = min(rows, world * T * mcfg.memory_heads * mcfg.memory_knn)
+    return U * mcfg.memory_value_dim * value_bytes
+
+
+def activation_bytes(cfg: RunConfig, mcfg, dt: Dtypes, T: int, trainable: int, training: bool,
+                     pooled: bool) -> int:
+    """What one micro-batch's forward keeps for backward (training) or the largest block's
+    outputs (forward only). Blocks below the first memory layer keep nothing when no dense weight
+    trains (sparse memory finetuning): no gradient flows through them; the memory block itself then
+    keeps only its lookup's bag path (its attention's input needs no gradient)."""
+    h, I, L = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_hidden_layers
+    heads = mcfg.num_attention_heads
+    kv = (mcfg.num_key_value_heads or heads) * (h // heads)
+    weights_train = bool(trainable)
+    # both norms of a block live in this part
+    attn = 2 * norm_bytes(h, dt, weights_train) + attention_bytes(h, kv, heads, dt, weights_train)
+    ffn = ffn_bytes(h, I, dt, weights_train)
+    add_mode = mcfg.memory_mode == "add"  # the FFN beside the memory, and the gate's multiply input
+    first = min(mcfg.memory_layers)
+    if not training:
+        return T * (h * 4 + max(attn, ffn, lookup_bytes(mcfg, dt, False, pooled)) + 4 * h)
+    memory_block = attn + lookup_bytes(mcfg, dt, True, pooled) + (ffn + h * dt.e if add_mode else 0)
+    bag_only = lookup_bytes(mcfg, dt, False, pooled) + (h * dt.e if add_mode else 0)
+    blocks_with_grad = [i for i in range(L) if trainable or i > first]
+    dense_blocks = sum(1 for i in blocks_with_grad if i not in mcfg.memory_layers)
+    memory_blocks = sum(memory_block if (trainable or i > first) else bag_only for i in mcfg.memory_layers)
+    if cfg.model.activation_checkpointing:
+        # recomputed blocks keep their input (the residual), one is recomputed at a time; memory
+        # blocks are never recomputed (trainer.enable_activation_checkpointing)
+        per_token = dense_blocks * h * dt.r + (attn + ffn if dense_blocks else 0) + memory_blocks
+    else:
+        per_token = dense_blocks * (attn + ffn) + memory_blocks
+    rows = 0 if pooled else fetched_row_bytes(mcfg, T)
+    # + the final norm, lm_head's input (for its weight's gradient) and the embedding's int64 token ids
+    return rows + T * (per_token + norm_bytes(h, dt, weights_train) + (h * dt.e if weights_train else 0) + 8)
+
+
+def linear_elements(model: SmftForCausalLM) -> int:
+    """Elements of every nn.Linear's weight and bias (attention, FFN, lm_head, the memory layers'
+    query, w1 and w2)."""
+    return sum(p.numel() for m in model.modules() if type(m) is nn.Linear for p in m.parameters(recurse=False))
+
+
+def lookup_exchange_bytes(mcfg, mp: int, T: int, e: int, pooled: bool) -> int:
+    """The exchange's buffers while one memory layer runs (layers run one at a time), T tokens per
+    rank on every rank. Pooled: forward, the owner's fp32 partial bags for every requester's
+    tokens, their copy in the wire dtype (e) and the M partials received (mp x T x D x (4 + 2e)),
+    plus the fp32 sum (T x D x 4); backward, grad_y expanded to every owner and received there, in
+    the wire dtype and as fp32 (mp x T x D x (2e + 4)), no larger. Unique rows: the owner's
+    gathered rows and the rows received (2 x U x D x 4 at most, U as in `fetched_row_bytes`)."""
+    D = mcfg.memory_value_dim
+    if pooled:
+        return mp * T * D * (4 + 2 * e) + T * D * 4
+    return 2 * fetched_row_bytes(mcfg, T) // len(mcfg.memory_layers)
+
+
+def memory_row_grad_bytes(cfg: RunConfig, mcfg, rows: int, world: int, T: int) -> int:
+    """The owners' fp32 row gradients of one step, per memory layer, kept from backward until the
+    memory optimizer has stepped: every row of the shard the global batch touches (at most the
+    shard, and the world's T x heads x knn ids), or in sparse memory finetuning the top-t selected
+    rows (all on this rank at worst)."""
+    D, HK = mcfg.memory_value_dim, mcfg.memory_heads * mcfg.memory_knn
+    if cfg.mode == "finetune" and cfg.method == "sparse_memory":
+        touched = min(rows, cfg.selection.max_rows)
+    else:
+        touched = min(rows, world * T * HK)
+    return len(mcfg.memory_layers) * touched * D * 4
+
+
+def deepspeed_buffer_bytes(cfg: RunConfig, engine: str, zero: int, trainable: int, world: int, g: int) -> int:
+    """DeepSpeed ZeRO-1/2's contiguous gradient bucket (reduce_bucket_size elements in the gradient
+    dtype, allocated whole at the first backward) plus, at the step, this rank's flattened gradient
+    partition and its fp32 copy: P_t / W x (g + 4). 0 for the other engines and ZeRO-0 fp32 (its
+    all-reduce flattens at most a bucket of gradients, counted as the bucket)."""
+    if engine != "deepspeed":
+        return 0
+    zero_cfg = {}
+    if cfg.dist.deepspeed_config:
+        zero_cfg = json.loads(Path(cfg.dist.deepspeed_config).read_text()).get("zero_optimization", {})
+    bucket = int(zero_cfg.get("reduce_bucket_size", DEEPSPEED_REDUCE_BUCKET))
+    if zero == 0:
+        return min(bucket, trainable) * g
+    contiguous = zero_cfg.get("contiguous_gradients", True)
+    return (bucket * g if contiguous else 0) + math.ceil(trainable / world) * (g + 4)
+
+
+def memory_optimizer_state(cfg: RunConfig, D: int, value_dtype: torch.dtype) -> tuple[type, dict]:
+    """-> (its `row_state_class`, the per-row state specs: its `_all_specs`) of the run's memory
+    optimizer, built on a one-row meta table; (None, {}) where the memory does not train."""
     from smft_dist.memory.values import ValueTable
-    from smft_dist.optim import RowSparseAdamW, build_memory_optimizer
+    from smft_dist.optim import build_memory_optimizer, build_memory_row_optimizer
 
     table = ValueTable(1, D, 0, 1, dtype=value_dtype, device="meta")
     if cfg.mode == "background_index" or (cfg.mode == "finetune" and cfg.method == "lora"):
-        return {}
+        return None, {}
     if cfg.mode == "finetune" and cfg.method == "sparse_memory":
         opt = build_memory_optimizer([table], cfg.optim)
     else:
-        opt = RowSparseAdamW([table], cfg.optim.memory_lr)
-    return opt._all_specs(table)
+        opt = build_memory_row_optimizer([table], cfg.optim)
+    return opt.row_state_class, opt._all_specs(table)
 
 
 def memory_optimizer_bytes(cfg: RunConfig, rows: int, D: int, value_dtype: torch.dtype) -> tuple[int, int]:
-    """-> `row_state_bytes` of the run's memory optimizer for one table's shard of `rows` rows."""
-    specs = memory_optimizer_state_specs(cfg, D, value_dtype)
+    """-> (kept, growth) of the run's memory optimizer for one table's shard of `rows` rows:
+    `dense_row_state_bytes` and no growth where it trains every touched row (pretraining, full
+    finetuning), `row_state_bytes` for the rows sparse memory finetuning may update."""
+    from smft_dist.optim.row_state import DenseRowState
+
+    state_class, specs = memory_optimizer_state(cfg, D, value_dtype)
     if not specs:  # the optimizer keeps no row state (plain SGD on fp32 values)
         return 0, 0
-    if cfg.mode == "finetune" and cfg.method == "sparse_memory":
-        rows_with_state = min(rows, cfg.steps * cfg.selection.top_t)
-    else:
-        rows_with_state = rows
-    return row_state_bytes(specs, rows_with_state, rows)
+    if state_class is DenseRowState:
+        return dense_row_state_bytes(specs, rows), 0
+    return row_state_bytes(specs, min(rows, cfg.steps * cfg.selection.max_rows), rows)
+
+
+def dense_row_state_bytes(specs: dict, rows: int) -> int:
+    """The bytes a `DenseRowState` with these specs allocates, once, for a shard of `rows` rows:
+    every row's state, and a bool per row marking the rows updated unless the specs count each
+    row's updates ("step")."""
+    row_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
+    return rows * (row_bytes + (0 if "step" in specs else 1))
 
 
 def row_state_bytes(specs: dict, rows_with_state: int, rows: int) -> tuple[int, int]:
     """-> (kept, growth): the bytes a `RowState` with these specs keeps for a shard of `rows` rows
     once `rows_with_state` of them have state (its buffers at `capacity_for` slots, and the int32
-    row -> slot map), and the extra bytes at the peak of its growth (the largest buffer at the
-    capacity it last grew from: the one for half the rows, none when that growth was the first)."""
+    row -> slot map), and the extra bytes at the peak of its growth from the capacity it last grew
+    from (the one for half the rows; none when that growth was the first). `RowState._reserve`
+    grows the int64 row ids first, then the state by increasing row size, one buffer at a time:
+    growing buffer i, those before it are at the new capacity and it and those after at the old.
+    With moments of D values that peak is the largest buffer's old copy; with per-row state
+    smaller than the row ids (row-wise Adagrad's one fp32) it is while the ids grow."""
     from smft_dist.optim.row_state import MIN_CAPACITY, capacity_for
 
-    row_bytes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs.values()] + [8]  # + the int64 row id
+    row_bytes = [8] + sorted(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
     capacity = capacity_for(rows_with_state, rows)
     previous = capacity_for(-(-rows_with_state // 2), rows) if rows_with_state > MIN_CAPACITY else 0
-    return capacity * sum(row_bytes) + rows * 4, previous * max(row_bytes)
+    growth = max(previous * b - (capacity - previous) * sum(row_bytes[i + 1:]) for i, b in enumerate(row_bytes))
+    return capacity * sum(row_bytes) + rows * 4, max(growth, 0)

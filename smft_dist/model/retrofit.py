@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, LlamaForCausalLM
 
-from smft_dist.errors import UserError, console_script
+from smft_dist.data.tokenizer import TOKENIZER_FILES, open_tokenizer
+from smft_dist.errors import READ_ERRORS, UserError, console_script, reason
 from smft_dist.io import atomic_dir
 from smft_dist.model.configuration import MEMORY_MODES, SmftConfig
 from smft_dist.model.modeling import SmftForCausalLM
@@ -96,11 +98,19 @@ def load_dense(model_dir: str | Path) -> LlamaForCausalLM:
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model {model_dir}: no config.json (expected a Hugging Face model folder)")
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except READ_ERRORS as e:  # a damaged config.json
+        raise RetrofitError(f"--model {model_dir}: config.json is unreadable ({reason(e)}): the folder is damaged; "
+                            f"save the model again") from None
     if config.model_type == SmftConfig.model_type:
         raise RetrofitError(f"{model_dir} is already an smft model (model_type='smft'): nothing to retrofit")
     check_representable(config)
-    dense, info = LlamaForCausalLM.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
+    try:
+        dense, info = LlamaForCausalLM.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
+    except (*READ_ERRORS, SafetensorError) as e:  # damaged weight files, or weights of other shapes
+        raise RetrofitError(f"--model {model_dir}: its weights do not load ({reason(e)}): a weight file is damaged "
+                            f"or another model's; save the model again") from None
     unexpected = sorted(info.get("unexpected_keys") or [])
     missing = sorted(k for k in info.get("missing_keys") or [] if k != "lm_head.weight" or not config.tie_word_embeddings)
     if unexpected or missing:
@@ -111,12 +121,33 @@ def load_dense(model_dir: str | Path) -> LlamaForCausalLM:
     return dense
 
 
+def check_memory_arguments(num_layers: int, layers: Sequence[int], **sizes: int) -> None:
+    """The memory's shape, as smft-retrofit's options name it: layers within the model, no layer
+    twice, every size >= 1, an even k_dim (split into two halves), knn <= n_keys (a head picks knn
+    of the n_keys sub-keys of each half)."""
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise RetrofitError(f"--layers {','.join(map(str, layers))}: the model has decoder layers 0..{num_layers - 1}")
+    if len(set(layers)) != len(layers):
+        raise RetrofitError(f"--layers {','.join(map(str, layers))} names a layer twice")
+    for name, value in sizes.items():
+        if value < 1:
+            raise RetrofitError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if sizes["k_dim"] % 2:
+        raise RetrofitError(f"--k-dim {sizes['k_dim']} must be even (product keys split it into two halves)")
+    if sizes["knn"] > sizes["n_keys"]:
+        raise RetrofitError(f"--knn {sizes['knn']} > --n-keys {sizes['n_keys']}: a head picks knn of the n_keys "
+                            f"sub-keys of each half")
+
+
 def retrofit_model(dense: LlamaForCausalLM, layers: Sequence[int], *, mode: str = "add", n_keys: int = 1024,
                    heads: int = 4, knn: int = 32, k_dim: int = 512, value_dim: int = 1024, swilu: bool = True,
                    qk_norm: bool = False, value_dtype: str = "float32", seed: int = 0) -> SmftForCausalLM:
     """An `SmftForCausalLM` holding `dense`'s weights, with fresh memories at `layers`."""
     if mode not in MEMORY_MODES:
         raise RetrofitError(f"--mode {mode!r} is not one of {list(MEMORY_MODES)}")
+    check_memory_arguments(dense.config.num_hidden_layers, layers, n_keys=n_keys, heads=heads, knn=knn,
+                           k_dim=k_dim, value_dim=value_dim)
     check_representable(dense.config)
     src = {k: v for k, v in dense.config.to_dict().items()
            if k not in ("model_type", "architectures", "transformers_version", "auto_map", "dtype")}
@@ -171,10 +202,8 @@ def retrofit(model_dir: str | Path, out: str | Path, layers: Sequence[int], *, t
         model = retrofit_model(load_dense(model_dir), layers, **memory)
         model.save_pretrained(tmp)
         tok_dir = Path(tokenizer) if tokenizer else model_dir
-        if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
+        if any((tok_dir / f).is_file() for f in TOKENIZER_FILES):
+            open_tokenizer(tok_dir).save_pretrained(tmp)
         elif tokenizer:
             raise FileNotFoundError(f"--tokenizer {tok_dir}: no tokenizer files")
         write_remote_code(tmp)

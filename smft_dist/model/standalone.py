@@ -5,10 +5,15 @@ into its config.json, so that
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-loads and generates where `smft_dist` is not installed. The file is generated from this package's
-own sources (product keys, value tables, the memory layer, the config and the model), in
-dependency order, with the `smft_dist` imports and the Auto-class registrations removed: there is
-one copy of the model code, and the exported file is always the code that trained the weights.
+loads and generates where `smft_dist` is not installed. That `auto_map` is also why a bare
+`AutoTokenizer.from_pretrained(folder)` asks whether to run the custom code: transformers 5 loads
+the model config before the tokenizer files. `import smft_dist.model` first, or pass
+`trust_remote_code=False`, and the tokenizer loads without a prompt (docs/data.md).
+
+The file is generated from this package's own sources (product keys, value tables, the memory
+layer, the config and the model), in dependency order, with the `smft_dist` imports and the
+Auto-class registrations removed: there is one copy of the model code, and the exported file is
+always the code that trained the weights.
 """
 from __future__ import annotations
 

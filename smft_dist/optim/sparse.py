@@ -3,16 +3,19 @@
 Shape legend: U rows updated this step (of this shard), D value dim.
 
 Each reads the table's row-sparse gradient (`table.sparse_grad()`: local ids + rows), updates only
-those rows of the local shard in place, and keeps state only for rows it has updated
-(`RowState`). Cost per step O(U x D), independent of the table size.
+those rows of the local shard in place, and reads and writes state only for those rows (row_state.py:
+the masked optimizers keep it for the rows ever updated, `RowState`; those that train every touched
+row allocate it once for every row, `DenseRowState`). Cost per step O(U x D), independent of the
+table size.
 
 bf16 storage: the update is computed in fp32 on an fp32 master copy of each row the optimizer has
 updated (state "master", made from the bf16 row the first time), and the table gets its rounding.
 Rounding the updated row straight into bf16 would drop every per-element change below half a
 bf16 ulp: at the paper's lr 2 and values ~N(0, 1/32) that is any update under about 6e-5, i.e.
-most of a fact's gradient. A master copy is deterministic (unlike stochastic rounding, which
-would be right only in expectation and would make runs depend on a rounding RNG) and costs
-4 x D bytes per row ever updated: O(rows touched), like the other row state.
+most of a fact's gradient. A master copy is exact, and costs 4 x D bytes per row ever updated:
+O(rows touched) in sparse finetuning, which always keeps it. Where values train densely,
+`optim.memory_stochastic_rounding` drops the master instead (rounding.py: right in expectation,
+its bits a hash of seed, row, update count and element, so runs stay reproducible).
 
 - `MaskedSGD`: sparse memory finetuning. V[rows] -= lr * G[rows] for the selected rows only.
 - `MaskedAdamW`: the paper's ablation, same selection, lazy AdamW on the selected rows.
@@ -25,32 +28,39 @@ from typing import Optional, Sequence
 import torch
 
 from smft_dist.memory.values import ValueTable
-from smft_dist.optim.row_state import RowState
+from smft_dist.optim.row_state import DenseRowState, RowState
 
 Selected = Optional[Sequence[Optional[torch.Tensor]]]
+CHUNK_ELEMENTS = 2**24  # elements of one lazy AdamW chunk: its fp32 temporaries are 64 MiB each
 
 
 def selected_grad(table: ValueTable, selected: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (local rows_U, grad_UD fp32): this step's gradient rows, limited to `selected` global ids
-    (None: every row with a gradient). Usually `restrict_grad_to` already limited them; the
+    (unique, as `select_top_t` gives them; None: every row with a gradient). Usually `restrict_grad_to` already limited them; the
     intersection keeps the optimizer correct on its own."""
     rows_U, grad_UD = table.sparse_grad()
     if selected is not None and rows_U.numel():
-        keep = torch.isin(rows_U + table.row_start, selected.to(rows_U.device))
-        rows_U, grad_UD = rows_U[keep], grad_UD[keep]
+        # Both lists are unique: isin then skips its `unique` of each (a host sync on a GPU). The
+        # kept rows' positions are the one read: their number sizes every tensor after.
+        keep_U = torch.isin(rows_U + table.row_start, selected.to(rows_U.device), assume_unique=True)
+        kept = keep_U.nonzero().squeeze(1)
+        rows_U, grad_UD = rows_U[kept], grad_UD[kept]
     return rows_U, grad_UD
 
 
 class RowSparseOptimizer:
-    """Base: a list of value tables, one `RowState` per table, `lr` settable by a scheduler."""
+    """Base: a list of value tables, one row state per table, `lr` settable by a scheduler."""
 
     masked = False  # True: `step` requires the selected ids (sparse memory finetuning)
+    # Trained densely, every row the batches touch is updated, over a run every row of the shard:
+    # its state is allocated once for all of them. The masked optimizers set `RowState` (few rows).
+    row_state_class: type = DenseRowState
 
     def __init__(self, tables: Sequence[ValueTable], lr: float):
         if not lr > 0:
             raise ValueError(f"memory learning rate {lr} must be > 0 (optim.memory_lr)")
         self.tables, self.lr = list(tables), float(lr)
-        self.states = [RowState(t, self._all_specs(t)) for t in self.tables]
+        self.states = [self.row_state_class(t, self._all_specs(t)) for t in self.tables]
 
     def state_specs(self, table: ValueTable) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {}
@@ -61,21 +71,28 @@ class RowSparseOptimizer:
 
     def update_rows(self, table: ValueTable, state: RowState, rows_U: torch.Tensor, w_UD: torch.Tensor,
                     grad_UD: torch.Tensor) -> torch.Tensor:
-        """-> the new fp32 value of rows_U, given their current fp32 value w_UD and gradient."""
+        """-> the new fp32 value of rows_U, given their current fp32 value w_UD (a copy the update
+        may overwrite in place) and gradient."""
         raise NotImplementedError
 
     @staticmethod
     def _current(table: ValueTable, state: RowState, rows_U: torch.Tensor) -> torch.Tensor:
         """-> the fp32 value of rows_U: the master copy when the table is stored in lower precision
         (made from the stored row on a row's first update), else the row itself."""
+        # index_select, not weight[rows_U]: a row gather is a copy of each row (aten::index
+        # computes every element's offset: ~10x slower on CPU at D = 128)
         if "master" not in state.specs:
-            return table.weight[rows_U].float()
-        before = len(state)
-        slots = state.slots(rows_U)
-        new = slots >= before
+            return table.weight.index_select(0, rows_U).float()
+        slots, new_N = state.claim(rows_U)
         master = state["master"]
-        master[slots[new]] = table.weight[rows_U[new]].float()
-        return master[slots]
+        # the rows given state just now start from their stored value
+        master.index_copy_(0, slots[new_N], table.weight.index_select(0, rows_U[new_N]).float())
+        return master.index_select(0, slots)
+
+    def _stored(self, table: ValueTable, state: RowState, rows_U: torch.Tensor, new_UD: torch.Tensor) -> torch.Tensor:
+        """-> the updated fp32 rows new_UD in the table's dtype, rounded to nearest (the master copy
+        keeps what rounding drops; rowwise.StochasticRounding rounds stochastically instead)."""
+        return new_UD.to(table.weight.dtype)
 
     @torch.no_grad()
     def step(self, selected_ids_per_table: Selected = None) -> int:
@@ -88,14 +105,15 @@ class RowSparseOptimizer:
         if len(selected_ids_per_table) != len(self.tables):
             raise ValueError(f"{len(selected_ids_per_table)} selections for {len(self.tables)} memory tables")
         n = 0
-        for table, state, selected in zip(self.tables, self.states, selected_ids_per_table):
-            rows_U, grad_UD = selected_grad(table, selected)
-            if rows_U.numel():
-                new_UD = self.update_rows(table, state, rows_U, self._current(table, state, rows_U), grad_UD)
-                if "master" in state.specs:
-                    state["master"][state.slots(rows_U)] = new_UD
-                table.weight[rows_U] = new_UD.to(table.weight.dtype)
-                n += rows_U.numel()
+        with torch.profiler.record_function("smft/optimizer"):
+            for table, state, selected in zip(self.tables, self.states, selected_ids_per_table):
+                rows_U, grad_UD = selected_grad(table, selected)
+                if rows_U.numel():
+                    new_UD = self.update_rows(table, state, rows_U, self._current(table, state, rows_U), grad_UD)
+                    if "master" in state.specs:
+                        state["master"].index_copy_(0, state.slots(rows_U), new_UD)
+                    table.weight.index_copy_(0, rows_U, self._stored(table, state, rows_U, new_UD))
+                    n += rows_U.numel()
         return n
 
     def state_dict(self) -> dict:
@@ -121,6 +139,7 @@ class MaskedSGD(RowSparseOptimizer):
     (PyTorch SGD's, dampening 0) exists only for rows ever selected; unselected rows stay frozen."""
 
     masked = True
+    row_state_class = RowState
 
     def __init__(self, tables: Sequence[ValueTable], lr: float, momentum: float = 0.0):
         if not 0.0 <= momentum < 1.0:
@@ -137,13 +156,13 @@ class MaskedSGD(RowSparseOptimizer):
             buf = state["momentum_buffer"]
             grad_UD = buf[slots].mul_(self.momentum).add_(grad_UD)
             buf[slots] = grad_UD
-        return w_UD - self.lr * grad_UD
+        return w_UD.sub_(self.lr * grad_UD)
 
 
 class RowSparseAdamW(RowSparseOptimizer):
     """Lazy AdamW: only rows with a gradient are updated, each with its own step count for the
-    bias correction; state exists only for rows ever updated. Same arithmetic as torch.optim.AdamW
-    on those rows."""
+    bias correction; state exists only for rows ever updated. torch.optim.AdamW's arithmetic on
+    those rows, up to the last-bit rounding of the bias corrections (`update_rows`)."""
 
     def __init__(self, tables: Sequence[ValueTable], lr: float, betas: Sequence[float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0):
@@ -156,17 +175,38 @@ class RowSparseAdamW(RowSparseOptimizer):
                 "step": ((), torch.int64)}
 
     def update_rows(self, table, state, rows_U, w_UD, grad_UD):
+        """In place on w_UD, CHUNK_ELEMENTS at a time: each chunk's moments are gathered
+        (`index_select`: a copy per row), updated in place in fp32 and written back (`index_copy_`),
+        so the transient memory is a few chunks and no U x D op runs in float64. Elementwise, so the
+        result is the same whatever the chunk size.
+
+        The bias corrections are per row (lazy: each row has its own step count t). They are
+        computed once per step for the U rows in float64 and rounded once to fp32 factors:
+        1 - beta^t is in [1 - beta, 1] ([0.001, 1] at beta2 = 0.999), and computed in fp32 it would
+        lose up to 2^-24 / 0.001 ~ 6e-5 relative to cancellation at t = 1; rounded from float64 each
+        factor is within 2^-24 ~ 6e-8 relative of the exact one. torch.optim.AdamW itself applies
+        its float64 scalars to fp32 tensors as fp32 scalars, so this is its arithmetic up to that
+        last-bit rounding (and a multiplication by 1/sqrt(bc2) where it divides by sqrt(bc2))."""
         slots = state.slots(rows_U)
-        step_U = state["step"][slots] + 1
-        state["step"][slots] = step_U
-        m_UD = state["exp_avg"][slots].lerp_(grad_UD, 1 - self.beta1)
-        v_UD = state["exp_avg_sq"][slots].mul_(self.beta2).addcmul_(grad_UD, grad_UD, value=1 - self.beta2)
-        state["exp_avg"][slots], state["exp_avg_sq"][slots] = m_UD, v_UD
-        bc1_U1 = (1 - self.beta1 ** step_U.double())[:, None]
-        bc2_sqrt_U1 = (1 - self.beta2 ** step_U.double()).sqrt()[:, None]
-        w_UD = w_UD * (1 - self.lr * self.weight_decay)
-        denom_UD = (v_UD.sqrt() / bc2_sqrt_U1).float() + self.eps
-        return w_UD - (self.lr / bc1_U1).float() * m_UD / denom_UD
+        step_U = state["step"].index_select(0, slots).add_(1)
+        state["step"].index_copy_(0, slots, step_U)
+        t_U = step_U.double()
+        step_size_U1 = (self.lr / (1 - self.beta1 ** t_U)).float()[:, None]  # lr / bc1
+        inv_bc2_sqrt_U1 = (1 - self.beta2 ** t_U).rsqrt().float()[:, None]  # 1 / sqrt(bc2)
+        exp_avg_S, exp_avg_sq_S = state["exp_avg"], state["exp_avg_sq"]
+        chunk = max(1, CHUNK_ELEMENTS // max(table.dim, 1))
+        for start in range(0, rows_U.numel(), chunk):
+            part = slice(start, start + chunk)
+            slots_C, grad_CD, w_CD = slots[part], grad_UD[part], w_UD[part]
+            m_CD = exp_avg_S.index_select(0, slots_C).lerp_(grad_CD, 1 - self.beta1)
+            v_CD = exp_avg_sq_S.index_select(0, slots_C).mul_(self.beta2).addcmul_(grad_CD, grad_CD,
+                                                                                    value=1 - self.beta2)
+            exp_avg_S.index_copy_(0, slots_C, m_CD)
+            exp_avg_sq_S.index_copy_(0, slots_C, v_CD)
+            w_CD.mul_(1 - self.lr * self.weight_decay)
+            denom_CD = v_CD.sqrt_().mul_(inv_bc2_sqrt_U1[part]).add_(self.eps)  # v_CD is written back above
+            w_CD.sub_(m_CD.mul_(step_size_U1[part]).div_(denom_CD))
+        return w_UD
 
 
 class MaskedAdamW(RowSparseAdamW):
@@ -176,6 +216,7 @@ class MaskedAdamW(RowSparseAdamW):
         super().__init__(tables, lr, betas, eps, weight_decay)
 
     masked = True
+    row_state_class = RowState
 
 
 def merge_state_dicts(shard_sds: Sequence[dict]) -> dict:

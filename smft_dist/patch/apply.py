@@ -31,8 +31,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from smft_dist.checkpoint import layout as ckpt
+from smft_dist.checkpoint.model import read_hf_config
+from smft_dist.errors import reason
 from smft_dist.patch.patch import Patch, PatchError, model_identity
-from smft_dist.train import checkpoint as ckpt
 
 
 class PatchMismatch(PatchError):
@@ -47,9 +49,8 @@ class _StoredRows:
     _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
     def __init__(self, path: Path, key: str, row_start: int = 0, writable: bool = False):
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            info = json.loads(f.read(n))[key]
+        header, n = safetensors_header(path)
+        info = header[key]
         rows, self.dim = info["shape"]
         self.path, self.written = Path(path), False
         self.dtype = self._TORCH[info["dtype"]]
@@ -68,6 +69,26 @@ class _StoredRows:
     def flush(self) -> None:
         if self._rows_RD.mode == "r+":
             self._rows_RD.flush()
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """-> (the header of a safetensors file: {name: {dtype, shape, data_offsets}}, its length n;
+    tensor data starts at byte 8 + n), checked against the file's size: a truncated, emptied or
+    foreign file raises a PatchError naming it before any byte is mapped."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # ValueError: not JSON, not UTF-8
+        raise PatchError(f"{path} is not a readable safetensors file ({reason(e)}): the model is damaged") from None
+    if 8 + n + max(ends, default=0) > size:
+        raise PatchError(f"{path} is truncated: its header needs {8 + n + max(ends)} bytes, it has {size}: the model "
+                         f"is damaged")
+    return header, n
 
 
 @dataclass
@@ -175,13 +196,12 @@ def open_target(path: str | Path, writable: bool = False) -> Target:
     """An exported HF folder or a checkpoint (root or step folder, any mp size)."""
     path = Path(path)
     if (path / "config.json").is_file() and not (path / "meta.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        config = read_hf_config(path)
         index = path / "model.safetensors.index.json"
         if index.is_file():  # weights in several files
             files = json.loads(index.read_text())["weight_map"]
         else:
-            with open(path / "model.safetensors", "rb") as f:
-                files = dict.fromkeys(json.loads(f.read(int.from_bytes(f.read(8), "little"))), "model.safetensors")
+            files = dict.fromkeys(safetensors_header(path / "model.safetensors")[0], "model.safetensors")
         segments = {}
         for i in config.get("memory_layers", []):
             pattern = re.compile(rf"(.*\.)?layers\.{i}\.mlp\.(.*\.)?values\.weight")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from smft_dist.patch.patch import Patch, _ranges
+from smft_dist.patch.patch import Patch, PatchError, _ranges
 
 
 @dataclass
@@ -87,7 +87,9 @@ def audit(patch: Patch, df: Optional[dict[str, torch.Tensor]] = None, df_batches
 
 def load_df(folder: str | Path, layers: list[str]) -> tuple[dict[str, torch.Tensor], Optional[int]]:
     """The background df vectors saved with a checkpoint (`df/`) or an export (`background_df/`)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+
+    from smft_dist.errors import reason
 
     folder = Path(folder)
     for sub in ("", "df", "background_df"):
@@ -95,9 +97,13 @@ def load_df(folder: str | Path, layers: list[str]) -> tuple[dict[str, torch.Tens
         if all(f.is_file() for f in files.values()):
             out, batches = {}, None
             for n, f in files.items():
-                with safe_open(str(f), framework="pt") as fh:  # written by BackgroundIndex.save
-                    out[n] = fh.get_tensor("df")
-                    batches = int(fh.metadata()["num_batches"])
+                try:
+                    with safe_open(str(f), framework="pt") as fh:  # written by BackgroundIndex.save
+                        out[n] = fh.get_tensor("df")
+                        batches = int(fh.metadata()["num_batches"])
+                except (SafetensorError, KeyError, TypeError, ValueError) as e:  # damaged, or not a df file
+                    raise PatchError(f"{f} is not a readable background df ({reason(e)}): rebuild it with "
+                                     f"mode=background_index") from None
             return out, batches
     raise FileNotFoundError(f"{folder} holds no background df of {layers} (looked in ./, df/ and background_df/): "
                             "pass a checkpoint step folder or an exported Hugging Face folder")

@@ -46,7 +46,7 @@ def _writable_target(a):
 
 
 def cmd_export(a) -> list[str]:
-    patch = export_patch(a.run, parse_ids(a.steps), parse_ids(a.groups))
+    patch = export_patch(a.run, parse_ids(a.steps, "--steps"), parse_ids(a.groups, "--groups"))
     path = patch.save(a.out)
     rows = {n: int(patch.touched(n).numel()) for n in patch.layers}
     return [f"wrote {path}: {len(patch.steps)} steps, rows {rows}, base {patch.base_sha256[:16]}, "
@@ -61,7 +61,7 @@ def cmd_apply(a) -> list[str]:
 
 def cmd_revert(a) -> list[str]:
     patch = Patch.load(a.patch)
-    steps = steps_of(patch, parse_ids(a.steps), parse_ids(a.groups))
+    steps = steps_of(patch, parse_ids(a.steps, "--steps"), parse_ids(a.groups, "--groups"))
     with _writable_target(a) as target:
         report = revert_steps(patch, target, steps, force=a.force)
     return [f"reverted steps {steps}"] + report.lines()
@@ -76,7 +76,7 @@ def cmd_merge(a) -> list[str]:
 def cmd_show(a) -> list[str]:
     patch = _patch_or_run(a.patch)
     if a.steps or a.groups:
-        patch = patch.select(parse_ids(a.steps), parse_ids(a.groups))
+        patch = patch.select(parse_ids(a.steps, "--steps"), parse_ids(a.groups, "--groups"))
     df, batches = load_df(a.df, patch.layers) if a.df else (None, None)
     report = audit(patch, df, batches, a.top)
     lines = report.table()
@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     s.add_argument("--json", help="also write the audit as JSON")
     s.add_argument("--top", type=int, default=10, help="most-written rows to list")
     a = p.parse_args(argv)
+    if a.command == "show" and a.top < 0:
+        p.error(f"--top {a.top}: must be >= 0 (the most-written rows to list)")
     commands = {"export": cmd_export, "apply": cmd_apply, "revert": cmd_revert, "merge": cmd_merge, "show": cmd_show}
     print("\n".join(commands[a.command](a)), flush=True)
     return 0

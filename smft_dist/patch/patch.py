@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from smft_dist.errors import UserError
+from smft_dist.errors import UserError, reason
 from smft_dist.patch.ledger import LedgerError, RowUpdate, StepRecord, complete_steps, read_meta, read_step
 
 FORMAT = "smft-patch/1"
@@ -44,8 +44,8 @@ def model_identity(model_cfg: dict) -> dict:
     return {k: model_cfg[k] for k in IDENTITY_KEYS if k in model_cfg}
 
 
-def parse_ids(spec: Optional[str]) -> Optional[list[int]]:
-    """ "3,5-7" -> [3, 5, 6, 7]; None stays None."""
+def parse_ids(spec: Optional[str], flag: str = "") -> Optional[list[int]]:
+    """ "3,5-7" -> [3, 5, 6, 7]; None stays None. `flag`: the option it came from, for the error."""
     if spec is None:
         return None
     out = []
@@ -57,7 +57,8 @@ def parse_ids(spec: Optional[str]) -> Optional[list[int]]:
         try:
             out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
         except ValueError:
-            raise PatchError(f"{spec!r} is not a list of numbers and ranges (e.g. 3,5-7)") from None
+            raise PatchError(f"{flag + ' ' if flag else ''}{spec!r} is not a list of numbers and ranges of numbers "
+                             f">= 0 (e.g. 3,5-7)") from None
     return out
 
 
@@ -162,8 +163,9 @@ class Patch:
                     layers = {n: RowUpdate(*(f.get_tensor(f"{i}.{n}.{k}") for k in ("ids", "before", "after")))
                               for n in manifest["layers"]}
                     steps.append(StepRecord(s["step"], s["groups"], s["batch_sha256"], layers))
-        except (OSError, ValueError) as e:  # safetensors' header errors
-            raise PatchError(f"{path} is not a readable knowledge patch: {e}") from None
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # a damaged header or manifest
+            raise PatchError(f"{path} is not a readable knowledge patch ({reason(e)}): write it again with "
+                             f"`smft-patch export`") from None
         for key in ("format", "base_sha256", "result_sha256"):
             manifest.pop(key, None)
         return cls(manifest, steps)
@@ -192,12 +194,17 @@ def export_patch(run: str | os.PathLike, steps: Optional[Sequence[int]] = None,
                  groups: Optional[Sequence[int]] = None) -> Patch:
     """The complete steps of a run's ledger (all, or the chosen steps / groups) as a patch."""
     root = ledger_dir(run)
-    meta = read_meta(root)
+    try:
+        meta = read_meta(root)
+        meta = {k: meta[k] for k in ("model", "layers", "num_rows", "dim", "dtype")}
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8 text
+        raise LedgerError(f"{root / 'ledger.json'} is not a readable ledger description ({reason(e)}): the ledger "
+                          f"is damaged; its run's checkpoints still hold the learned rows") from None
     names = meta["layers"]
     found = complete_steps(root)
     if not found:
-        raise LedgerError(f"{root} holds no complete step yet")
-    meta = {k: meta[k] for k in ("model", "layers", "num_rows", "dim", "dtype")}
+        raise LedgerError(f"{root} holds no complete step yet (or its rank*.index / rank*.records files are "
+                          f"damaged)")
     meta["sources"] = [str(root.resolve())]
     whole = Patch(meta, [])
     wanted = set(found) if steps is None else set(steps)

@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from smft_dist.memory.values import ValueTable, counting_accesses
@@ -37,7 +37,7 @@ class BackgroundIndex:
 
     @classmethod
     def empty(cls, table: ValueTable, corpus: str = "") -> "BackgroundIndex":
-        df = torch.zeros(table.row_end - table.row_start, dtype=torch.int32, device=table.weight.device)
+        df = torch.zeros(table.row_end - table.row_start, dtype=torch.int32, device=table.compute_device)
         return cls(df, 0, table.num_rows, table.row_start, table.row_end, corpus, table_group(table))
 
     def add_batch(self, table: ValueTable) -> None:
@@ -80,14 +80,17 @@ class BackgroundIndex:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no df index at {path}: build it with mode=background_index "
                                     "(or point selection.df_path at it)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            n = int(meta.get("num_slots", -1))
-            if n != table.num_rows:
-                raise ValueError(f"df index {path} built for {n} slots, model has {table.num_rows}: "
-                                 "rebuild it with mode=background_index")
-            df = f.get_slice("df")[table.row_start:table.row_end]
-        return cls(df.to(device=table.weight.device, dtype=torch.int32), int(meta["num_batches"]), n,
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                n = int(meta.get("num_slots", -1))
+                if n != table.num_rows:
+                    raise ValueError(f"df index {path} built for {n} slots, model has {table.num_rows}: "
+                                     "rebuild it with mode=background_index")
+                df = f.get_slice("df")[table.row_start:table.row_end]
+        except SafetensorError as e:  # truncated, emptied or not a safetensors file: a ValueError like the above
+            raise ValueError(f"df index {path} is unreadable ({e}): rebuild it with mode=background_index") from None
+        return cls(df.to(device=table.compute_device, dtype=torch.int32), int(meta["num_batches"]), n,
                    table.row_start, table.row_end, meta.get("corpus", ""), table_group(table))
 
 

@@ -48,6 +48,13 @@ def all_reduce_sum(values: list[int], group: Optional[dist.ProcessGroup], device
     return t.tolist()
 
 
+def all_reduce_sum_tensor(values_X: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """values_X summed over `group` on the device, not read by the host (identity when group is None)."""
+    if group is not None:
+        dist.all_reduce(values_X, op=dist.ReduceOp.SUM, group=group)
+    return values_X
+
+
 def all_reduce_max(value: int, group: Optional[dist.ProcessGroup], device=None) -> int:
     if group is None:
         return value

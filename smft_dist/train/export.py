@@ -16,32 +16,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from smft_dist.config import ModelConfig
+from smft_dist.checkpoint.model import load_checkpoint_model
 from smft_dist.errors import console_script
 from smft_dist.io import atomic_dir
-from smft_dist.model import SmftConfig, SmftForCausalLM
 from smft_dist.model.standalone import write_remote_code
-from smft_dist.train import checkpoint as ckpt
-
-
-def load_checkpoint_model(path: str | Path) -> tuple[SmftForCausalLM, Path]:
-    """A whole (unsharded) model from a checkpoint written at any mp size."""
-    step_dir = ckpt.resolve_checkpoint(path)
-    ckpt.check_intact(step_dir)
-    meta = ckpt.read_meta(step_dir)
-    model = SmftForCausalLM(SmftConfig.from_model_config(ModelConfig(**meta["model"])))
-    target = model
-    if meta.get("method") == "lora" and meta.get("mode") == "finetune":
-        from peft import LoraConfig, get_peft_model
-
-        lora = meta["lora"]
-        target = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"],
-                                                  target_modules=list(lora["targets"]), bias="none"))
-    ckpt.load_dense(target, step_dir)
-    ckpt.load_memory([layer.values for layer in model.memory_layers()], ckpt.layer_names(model), step_dir)
-    if target is not model:
-        model = target.merge_and_unload()
-    return model, step_dir
 
 
 def export(path: str | Path, out: str | Path, tokenizer: str | None = None, overwrite: bool = False) -> Path:
@@ -57,9 +35,11 @@ def _write_export(path: str | Path, folder: Path, tokenizer: str | None) -> None
     model, step_dir = load_checkpoint_model(path)
     tok = None
     if tokenizer:
-        from transformers import AutoTokenizer
+        from smft_dist.checkpoint.layout import read_meta
+        from smft_dist.data.tokenizer import check_tokenizer_of_checkpoint, open_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        tok = open_tokenizer(tokenizer)  # a damaged folder: one error naming it
+        check_tokenizer_of_checkpoint(tok, f"--tokenizer {tokenizer}", read_meta(step_dir), step_dir)
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # generate() reads them from the config
             setattr(model.config, key, getattr(tok, key))
             setattr(model.generation_config, key, getattr(tok, key))

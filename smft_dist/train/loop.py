@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from smft_dist.checkpoint import layout as ckpt
 from smft_dist.config import ConfigError, RunConfig, check_paths, data_source, save_config, validate
 from smft_dist.data.loader import forever
 from smft_dist.distributed import init_distributed
@@ -20,7 +21,7 @@ from smft_dist.distributed.replicas import check_replicas
 from smft_dist.errors import console_script
 from smft_dist.patch.ledger import open_run_ledger
 from smft_dist.selection import build_background_index
-from smft_dist.train import checkpoint as ckpt
+from smft_dist.train.checkpoint import Checkpointer
 from smft_dist.train.evaluation import Evaluator
 from smft_dist.train.metrics import MetricLogger, peak_memory_mb
 from smft_dist.train.preempt import PREEMPTED_EXIT_CODE, PreemptionFlag
@@ -46,8 +47,9 @@ TRAINING_SECTIONS = ("mode", "method", "seed", "precision", "model", "data", "op
 # Keys in those sections that change how a step runs, not what it computes.
 NOT_TRAINING = {"model.tokenizer", "model.activation_checkpointing", "data.local_cache", "data.num_workers",
                 "optim.max_nonfinite_steps",
+                "model.memory_offload",  # where the shard lives: the same step, bit for bit (docs/offload.md)
                 # how a step's batch is split over ranks and micro-batches: a resume at another world
-                # size may change them (README "Resuming at scale")
+                # size may change them (docs/training.md "Resuming at scale")
                 "data.batch_size", "optim.grad_accum",
                 # paths: a resume loads the checkpoint, not init_from, and the saved data position's
                 # dataset fingerprint names a change of data (a path written another way is the same data)
@@ -98,7 +100,7 @@ def train(cfg: RunConfig) -> int:
     # A background_index run always builds from model.init_from: resuming the step_0 an earlier index
     # run left in out_dir would keep that run's weights and df over a new init_from or background set.
     ckpt_cfg = replace(cfg.checkpoint, resume="none") if cfg.mode == "background_index" else cfg.checkpoint
-    checkpointer = ckpt.Checkpointer(ckpt_cfg, cfg.checkpoint.dir or out_dir / "checkpoints", ctx, cfg.model)
+    checkpointer = Checkpointer(ckpt_cfg, cfg.checkpoint.dir or out_dir / "checkpoints", ctx, cfg.model)
     if checkpointer.resume_dir is not None:  # before anything is built or written
         check_same_training(cfg, checkpointer.resume_dir)
     trainer = build_run(cfg, ctx)
@@ -111,6 +113,7 @@ def train(cfg: RunConfig) -> int:
             print(f"run complete at step {step} (steps={cfg.steps}): nothing to train, nothing rewritten; "
                   f"raise steps to train on", flush=True)
         return 0
+    evaluator = Evaluator(cfg, trainer.model)  # reads eval.qa and the tokenizer: a bad one fails before any write
     if ctx.is_main:  # only once the run is known to start: a bad run must not overwrite a good run's config
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -127,12 +130,13 @@ def train(cfg: RunConfig) -> int:
         return 0
 
     with ExitStack() as stack:
-        preempt = stack.enter_context(PreemptionFlag())
+        trainer.preemption = stack.enter_context(PreemptionFlag())
+        if trainer.ledger is not None:  # drains its writer and makes it durable, on every way out
+            stack.callback(trainer.ledger.close)
         logger = MetricLogger(out_dir, cfg.steps, step, ctx.is_main, cfg.logging.every, cfg.logging.tensorboard,
                               cfg.logging.progress, desc=f"{cfg.name} {cfg.mode}/{cfg.method}",
                               progress_every_s=cfg.logging.progress_every_s)
         stack.callback(logger.close)
-        evaluator = Evaluator(cfg, trainer.model)
         if step == 0 and (before := evaluator(0)):
             logger.write(0, before)
         batches = forever(loader)
@@ -146,10 +150,10 @@ def train(cfg: RunConfig) -> int:
             metrics.update(evaluator(step))
             logger.log(step, metrics)
             checkpointer.save(step)
-            if preempt.requested(ctx.device, ctx.world_size):
+            if trainer.preempted:  # agreed by every rank at the step's last all-reduce (a later signal: next step)
                 path = checkpointer.save(step, force=True)
                 if ctx.is_main:
-                    print(f"preempted by signal {preempt.signum}: saved {path} at step {step}, exiting "
+                    print(f"preempted by signal {trainer.preemption.signum}: saved {path} at step {step}, exiting "
                           f"{PREEMPTED_EXIT_CODE}", flush=True)
                 return PREEMPTED_EXIT_CODE
     path = checkpointer.save(step, force=True)

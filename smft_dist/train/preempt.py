@@ -1,15 +1,13 @@
 """Preemption: a signal sets a flag; at the next step boundary the ranks agree and save.
 
 Slurm sends SIGUSR1 (``--signal=USR1@120``) or SIGTERM before it kills a job. Saving inside a
-signal handler is unsafe (it may interrupt a collective), so the handler only sets a flag and
-`requested()` turns the flags of all ranks into one decision with a MAX all-reduce.
+signal handler is unsafe (it may interrupt a collective), so the handler only sets a flag. The
+trainer sums the flags of all ranks in the step's own all-reduces (no collective of its own):
+every rank ends the step with the same decision (`Trainer.preempted`).
 """
 from __future__ import annotations
 
 import signal
-
-import torch
-import torch.distributed as dist
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: the Slurm scripts requeue the job on it
 
@@ -32,10 +30,3 @@ class PreemptionFlag:
 
     def _handler(self, signum, _frame):
         self.flag, self.signum = True, signum
-
-    def requested(self, device: torch.device, world_size: int) -> bool:
-        if world_size == 1:
-            return self.flag
-        t = torch.tensor([1 if self.flag else 0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())

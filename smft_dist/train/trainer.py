@@ -11,7 +11,6 @@ index. `Trainer.train_step(micro_batches)` is the step for every method:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -21,16 +20,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from smft_dist.config import ConfigError, RunConfig
+from smft_dist.checkpoint import layout as ckpt
+from smft_dist.checkpoint.model import load_hf_model, read_hf_config
+from smft_dist.config import ConfigError, RunConfig, data_source
 from smft_dist.distributed import DistContext, shard_memory
 from smft_dist.errors import UserError
-from smft_dist.memory.values import DTYPES, LocalValueTable
+from smft_dist.memory.values import DTYPES, LocalValueTable, moved_totals
 from smft_dist.model import SmftConfig, SmftForCausalLM
-from smft_dist.optim import RowSparseAdamW, build_memory_optimizer, freeze_dense
+from smft_dist.optim import build_memory_optimizer, build_memory_row_optimizer, freeze_dense
 from smft_dist.patch.ledger import recording as ledger_recording
 from smft_dist.selection import BackgroundIndex, select_for_model
-from smft_dist.train import checkpoint as ckpt
-from smft_dist.train.engines import DeepSpeedEngine, FSDP2Engine, PlainEngine, deepspeed_config
+from smft_dist.train.engines import (DeepSpeedEngine, FSDP2Engine, PlainEngine, cast_frozen_linears_bf16,
+                                     deepspeed_config)
 
 log = logging.getLogger("smft_dist")
 
@@ -79,12 +80,46 @@ def _init_source(cfg: RunConfig) -> tuple[Optional[Path], Optional[Path]]:
 def _check_not_dense(hf_dir: Path) -> None:
     """A dense model (no memory layers) would load with its memory-layer FFNs dropped and random
     memories in their place: refuse it and point at the conversion."""
-    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    model_type = read_hf_config(hf_dir)["model_type"]  # a damaged config.json: a CheckpointError naming it
     if model_type != SmftConfig.model_type:
         raise ConfigError(
             f"model.init_from={hf_dir} is a dense '{model_type}' model without memory layers: convert it first "
-            f"with `smft-retrofit --model {hf_dir} --layers L --mode add --out DIR` (see README 'Retrofit a dense "
-            f"model'), then train with --config DIR/model.yaml")
+            f"with `smft-retrofit --model {hf_dir} --layers L --mode add --out DIR` (see docs/retrofit.md), "
+            f"then train with --config DIR/model.yaml")
+
+
+def check_start_tokenizer(cfg: RunConfig, hf_dir: Optional[Path], init_ckpt: Optional[Path]) -> dict:
+    """Refuse data written with another tokenizer than the starting weights were trained for, before
+    anything is built. The weights' tokenizer: the fingerprint model.init_from's checkpoint meta
+    records, or that of the tokenizer inside an HF init_from folder; the data's: its smft_data.json.
+    -> {"tokenizer_fingerprint", "tokenizer_folder"} this run's checkpoints record: the data's, else
+    (data written before fingerprints) the starting weights'; None values where neither is known."""
+    from smft_dist.data.mds import read_info
+    from smft_dist.data.tokenizer import (FINGERPRINT_KEY, check_same_tokenizer, load_tokenizer,
+                                          tokenizer_fingerprint)
+
+    key, data = data_source(cfg)
+    info = (read_info(data) if data and Path(data).is_dir() else None) or {}
+    have = {FINGERPRINT_KEY: info.get(FINGERPRINT_KEY), "tokenizer_folder": info.get("tokenizer")}
+    if init_ckpt is not None:
+        meta = ckpt.read_meta(init_ckpt)
+        start = {FINGERPRINT_KEY: meta.get(FINGERPRINT_KEY), "tokenizer_folder": meta.get("tokenizer_folder")}
+        start_what = f"model.init_from={init_ckpt} (its meta.json)"
+    elif hf_dir is not None and (hf_dir / "tokenizer_config.json").is_file():
+        start = {FINGERPRINT_KEY: tokenizer_fingerprint(load_tokenizer(hf_dir)), "tokenizer_folder": str(hf_dir)}
+        start_what = f"model.init_from={hf_dir} (its tokenizer)"
+    else:  # a fresh init, or an HF folder without a tokenizer: no weights trained on any tokenizer's ids
+        return have
+    if info:  # data a local folder holds; remote data is checked by whoever wrote it
+        model_tok = start["tokenizer_folder"] or "the model's tokenizer"
+        check_same_tokenizer(
+            have[FINGERPRINT_KEY], f"{key}={data} (its smft_data.json, tokenizer {info.get('tokenizer')})",
+            start[FINGERPRINT_KEY], start_what,
+            fix=f"re-convert the data with the model's tokenizer (smft-data ... --tokenizer {model_tok}), or set "
+                f"checkpoint.allow_tokenizer_change=true if the data's tokenizer keeps every id of the model's "
+                f"(e.g. only appends tokens)",
+            allow="checkpoint.allow_tokenizer_change" if cfg.checkpoint.allow_tokenizer_change else None)
+    return have if have[FINGERPRINT_KEY] else start
 
 
 def load_df_indexes(source: Optional[Path], model, tables) -> Optional[list[BackgroundIndex]]:
@@ -112,6 +147,9 @@ class Trainer:
     nonfinite_in_a_row: int = 0
     wrapped: object = None  # the PEFT model in LoRA mode (what the engine runs)
     ledger: object = None  # smft_dist.patch.ledger.Ledger: sparse updates recorded (set by the loop)
+    preemption: object = None  # train.preempt.PreemptionFlag, read at each step's all-reduces (set by the loop)
+    preempted: bool = False  # some rank's flag was set, as of the last step's last all-reduce (the same on every rank)
+    tokenizer_identity: Optional[dict] = None  # what checkpoints record of the tokenizer (check_start_tokenizer)
 
     @property
     def sparse(self) -> bool:
@@ -128,11 +166,23 @@ class Trainer:
             batch = {"input_ids": ids, "attention_mask": torch.zeros_like(ids), "labels": torch.full_like(ids, -100)}
         return batch
 
-    def _all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
+    def _scalar(self, value: float) -> torch.Tensor:
+        """A float64 0-dim device tensor holding a host number: a fill kernel, not a blocking
+        host-to-device copy (as `torch.tensor([...], device=...)` would be)."""
+        return torch.full((), float(value), dtype=torch.float64, device=self.ctx.device)
+
+    def _read(self, local_X: torch.Tensor, summed_Y: torch.Tensor) -> tuple[list[float], list[float]]:
+        """-> (local_X, summed_Y summed over every rank) on the host, float64 vectors on the device:
+        one all-reduce and one device-to-host copy. summed_Y ends with the preemption flag, so
+        every rank leaves the step with the same decision (`self.preempted`)."""
         if self.ctx.world_size > 1:
-            dist.all_reduce(t)
-        return t.tolist()
+            dist.all_reduce(summed_Y)
+        values = torch.cat([local_X, summed_Y]).tolist()
+        self.preempted = values[-1] > 0
+        return values[:local_X.numel()], values[local_X.numel():-1]
+
+    def _preempt_flag(self) -> torch.Tensor:
+        return self._scalar(self.preemption is not None and self.preemption.flag).reshape(1)
 
     def autocast(self):
         """bf16 autocast of the forward on the run's device (a no-op context for fp32)."""
@@ -154,33 +204,46 @@ class Trainer:
         micro = [self._to_device(b) for b in (micro_batches if isinstance(micro_batches, list) else [micro_batches])]
         for t in self.tables:
             t.zero_step()
-        n_labels = [int((b["labels"][:, 1:] != -100).sum()) for b in micro]
-        global_labels = self._all_sum([sum(n_labels)])[0]
-        if global_labels == 0:  # empty or all-padding batch: nothing to learn, no selection
-            log.warning("skipping a step whose global batch has no label tokens (empty or all padding)")
-            return {"skipped": 1, "rows_selected": 0}
-        metrics, selected, loss_sum, tokens = {}, None, 0.0, 0
-        for k, (batch, n_label) in enumerate(zip(micro, n_labels)):
+        moved_rows, moved_bytes = moved_totals(self.tables)
+        # Label and attended tokens of each micro-batch (on the device until the first read).
+        local_K2 = torch.stack([torch.stack([(b["labels"][:, 1:] != -100).sum(), b["attention_mask"].sum()])
+                                for b in micro]).double()
+        metrics, selected, stats = {}, None, []
+        loss_sum = self._scalar(0.0)  # sum over micro-batches of loss x label tokens, on the device
+        for k, batch in enumerate(micro):
             last = k == len(micro) - 1
             with self.autocast():
-                out = self.engine(**batch)
+                out = self.engine(**batch, use_cache=False)  # a KV cache would keep every layer's keys and values
             loss = out.loss
-            finite = bool(torch.isfinite(loss)) if n_label else True
-            if self._all_sum([0.0 if finite else 1.0])[0]:
+            # A rank without label tokens has the NaN mean over none as its loss: not a failure.
+            nonfinite = ((~torch.isfinite(loss.detach())) & (local_K2[k, 0] > 0)).double().reshape(1)
+            # One all-reduce and one read per micro-batch, before its backward: whether any rank's
+            # loss is non-finite (a backward would carry NaN into the engines' reduced gradients
+            # before the step could drop them), with the preemption flag; the first also carries
+            # the token counts (the weights of the micro-batches, and whether the step is empty).
+            if k == 0:
+                local, (global_labels, tokens, nonfinite) = self._read(
+                    local_K2.flatten(), torch.cat([local_K2.sum(0), nonfinite, self._preempt_flag()]))
+                n_labels = [int(n) for n in local[0::2]]
+                if global_labels == 0:  # empty or all-padding batch: nothing to learn, no selection
+                    log.warning("skipping a step whose global batch has no label tokens (empty or all padding)")
+                    return {"skipped": 1, "rows_selected": 0}
+            else:
+                _, (nonfinite,) = self._read(nonfinite[:0], torch.cat([nonfinite, self._preempt_flag()]))
+            if nonfinite:
                 return self._skip_nonfinite(loss)
+            n_label = n_labels[k]
             if last and self.sparse:
                 selected, stats = select_for_model(self.tables, self.df_indexes, self.cfg.selection)
                 metrics["rows_selected"] = sum(s.selected for s in stats)
-                metrics["rows_touched"] = sum(s.candidates for s in stats)
             if n_label == 0:  # its loss is the NaN mean over no tokens: it weighs nothing, in the log too
                 weighted = out.logits.sum() * 0.0  # this rank has nothing to learn but must join the backward
             else:
                 # This micro-batch's share of the global-mean loss, x world: the engines average the
                 # dense gradients over ranks and row_scale divides the rows' rank sum by world.
                 weighted = loss * (n_label * self.ctx.world_size / global_labels)
-                loss_sum += loss.item() * n_label
+                loss_sum = loss_sum + loss.detach().double() * n_label
             self.engine.backward(weighted, sync=last)
-            tokens += int(batch["attention_mask"].sum())
         self.nonfinite_in_a_row = 0
         # The rows' gradients are summed over ranks: / world -> the gradient of the global-mean loss
         # (mean), x the global label tokens -> of the loss summed over them (per_token, docs/design.md §5.2)
@@ -192,10 +255,20 @@ class Trainer:
         self.engine.step()
         with ledger_recording(self.ledger, self.tables, selected):  # the selected rows before/after, per rank
             updated = self.memory_optimizer.step(selected) if self.memory_optimizer is not None else 0
-        loss_sum, tokens, updated = self._all_sum([loss_sum, tokens, updated])
+        # The step's one metrics all-reduce: loss, rows updated and the preemption flag summed over
+        # ranks; the rows touched (already global over each table's group) ride on the same read.
+        touched = (torch.stack([s.candidates for s in stats]).sum().double().reshape(1) if stats
+                   else loss_sum.reshape(1)[:0])
+        touched, (loss_sum, updated) = self._read(
+            touched, torch.cat([loss_sum.reshape(1), self._scalar(updated).reshape(1), self._preempt_flag()]))
         metrics.update(loss=loss_sum / global_labels, tokens=int(tokens))
+        if stats:
+            metrics["rows_touched"] = int(touched[0])
         if self.memory_optimizer is not None:
             metrics["rows_updated"] = int(updated) // self.ctx.dp_replicate  # replicas update the same rows
+        if self.cfg.model.memory_offload == "host":  # this rank's host <-> device traffic (docs/offload.md)
+            rows_now, bytes_now = moved_totals(self.tables)
+            metrics.update(host_rows_moved=rows_now - moved_rows, host_bytes_moved=bytes_now - moved_bytes)
         return metrics
 
     def _skip_nonfinite(self, loss) -> dict:
@@ -225,7 +298,8 @@ class Trainer:
                 "engine": self.cfg.dist.engine, "method": self.cfg.method, "mode": self.cfg.mode,
                 "model": OmegaConf.to_container(OmegaConf.structured(self.cfg.model)),
                 "lora": OmegaConf.to_container(OmegaConf.structured(self.cfg.lora)),
-                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg))}  # a resume checks it (train.loop)
+                "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),  # a resume checks it (train.loop)
+                **(self.tokenizer_identity or {})}  # a run starting from these weights checks its data against it
 
 
 def build_fresh_model(cfg: RunConfig, ctx: DistContext) -> tuple[SmftForCausalLM, list]:
@@ -282,11 +356,12 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
     """Compose model, sharding, method, engine and df index. Weights come from model.init_from (a
     checkpoint or an HF folder), else a seeded fresh init; resuming a run is the checkpointer's."""
     hf_dir, init_ckpt = _init_source(cfg)
+    tokenizer_identity = check_start_tokenizer(cfg, hf_dir, init_ckpt)
     if init_ckpt is not None:  # before anything is built or loaded
         ckpt.check_model_matches(cfg.model, ckpt.read_meta(init_ckpt).get("model", {}), init_ckpt)
         ckpt.check_intact(init_ckpt)
     if hf_dir is not None:
-        model = SmftForCausalLM.from_pretrained(hf_dir)  # on the host, in the dtype it was stored in
+        model = load_hf_model(hf_dir, SmftForCausalLM)  # on the host, in the dtype it was stored in
         ckpt.check_model_matches(cfg.model, model.config.to_dict(), hf_dir)
         weights_to_fp32(model)
         # Shard on the host: each rank's device receives its own rows only, never the whole table
@@ -300,6 +375,9 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
     if init_ckpt is not None:  # before LoRA renames the wrapped linears
         ckpt.load_dense(model, init_ckpt)
         ckpt.load_memory(tables, names, init_ckpt)
+    if cfg.model.memory_offload == "host":  # before the memory optimizer: its row state follows the shard
+        for t in tables:
+            t.offload_to_host()
     wrapped = None
     if cfg.method == "lora" and cfg.mode == "finetune":
         from peft import LoraConfig, get_peft_model
@@ -318,7 +396,7 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
     elif cfg.mode == "pretrain" or cfg.method == "full":
         if not cfg.optim.train_dense:
             freeze_dense(model, keep=model.memory_parameters())
-        memory_optimizer = RowSparseAdamW(tables, cfg.optim.memory_lr, cfg.optim.betas, cfg.optim.eps, 0.0)
+        memory_optimizer = build_memory_row_optimizer(tables, cfg.optim, cfg.seed)
     elif cfg.method == "lora":
         for t in tables:
             t.trainable = False
@@ -350,20 +428,28 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
     else:
         opt, sched = make_opt(run_model)
         engine = PlainEngine(run_model, opt, sched, cfg.optim.grad_clip, ctx.world_size)
+        if cfg.precision == "bf16":  # autocast over fp32 weights: cast the frozen ones once, not every forward
+            cast_frozen_linears_bf16(run_model)
 
     df_indexes = None
     if cfg.mode == "finetune" and cfg.method == "sparse_memory" and cfg.selection.mode == "tfidf":
         df_dir = Path(cfg.selection.df_path) if cfg.selection.df_path else None
-        for source in (df_dir, init_ckpt and init_ckpt / "df", hf_dir and hf_dir / "background_df"):
+        # selection.df_path, when set, is the only source: without its files it is an error, not a fallback
+        for source in (df_dir,) if df_dir else (init_ckpt and init_ckpt / "df", hf_dir and hf_dir / "background_df"):
             df_indexes = load_df_indexes(source, model, tables) if source else None
             if df_indexes:
                 break
+        if df_indexes is None and df_dir:
+            raise ConfigError(f"selection.df_path={df_dir} holds no "
+                              f"{', '.join(n + '.safetensors' for n in ckpt.layer_names(model))}: point it at the df/ "
+                              f"folder of a mode=background_index run's checkpoint")
         if df_indexes is None:
             raise FileNotFoundError(
                 "sparse memory finetuning with selection.mode=tfidf needs a background df index: run mode="
                 "background_index first and set model.init_from to its checkpoints (or selection.df_path to a folder "
                 "of <layer>.safetensors files), or use selection.mode=tf")
-    return Trainer(cfg, ctx, model, tables, engine, memory_optimizer, df_indexes, wrapped=wrapped)
+    return Trainer(cfg, ctx, model, tables, engine, memory_optimizer, df_indexes, wrapped=wrapped,
+                   tokenizer_identity=tokenizer_identity)
 
 
 def enable_activation_checkpointing(model: SmftForCausalLM) -> None:

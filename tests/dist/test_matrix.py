@@ -1,6 +1,6 @@
 """Every engine x method x world x precision x accumulation a user can launch either trains, giving
 the losses and weights of every equivalent run, or is refused at start-up by a ConfigError naming
-the keys (the README table "Supported engine x method combinations" lists which).
+the keys (the table of docs/training.md "Supported engine x method combinations" lists which).
 
 5 engines x 3 methods x 2 worlds x 2 precisions x 2 grad_accum = 120 runs, in two shared
 processes: one without a process group (world 1, as `python launchers/train.py` starts) and one

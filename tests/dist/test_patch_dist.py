@@ -20,7 +20,7 @@ def _patch_live_sharded(rank, world, patch, base):
     from smft_dist.config import DistConfig
     from smft_dist.distributed import init_distributed, shard_memory
     from smft_dist.distributed.sharding import gather_full_table
-    from smft_dist.train.export import load_checkpoint_model
+    from smft_dist.checkpoint.model import load_checkpoint_model
 
     ctx = init_distributed(DistConfig())
     model, _ = load_checkpoint_model(base)

@@ -4,13 +4,14 @@ names, sparse finetuning moves the median selected row by at least 1% of its nor
 row: test_shipped_config_does_what_it_says), touches no other row and lowers its facts' answer
 loss, full and LoRA finetuning lower the loss on their data.
 
-The one mechanism (configs/rehearsal/tiny_model.yaml, README "Launch paths"): the config, then the
-tiny model file layered last (`--config CONFIG --config configs/rehearsal/tiny_model.yaml`), then
-only what names the data (data paths, data.seq_len, model.tokenizer, eval.qa/nll), out_dir,
+The one mechanism (configs/rehearsal/tiny_model.yaml; docs/training.md "Every shipped config is
+rehearsed"): the config, then the tiny model file layered last (`--config CONFIG --config
+configs/rehearsal/tiny_model.yaml`), then only what names the data (data paths, data.seq_len,
+model.tokenizer, eval.qa/nll), out_dir,
 model.init_from and steps, and optim.grad_accum where a config keeps one fact per global batch (the
 paper's 64 paraphrases, PARAPHRASES). The stages chain as a user runs them: pretrain -> background_index ->
 finetunes, per world size, inside one module-scoped `Rehearsal` that runs each stage once. The paper
-configs read the README recipe's data (made from tests/fixtures with a word-level tokenizer), the
+configs read docs/paper_recipe.md's data (made from tests/fixtures with a word-level tokenizer), the
 retrofit and tiny configs `smft-data synthetic`; the retrofit stages start from a replace-mode
 retrofit (dense_tiny says why not add mode). The demo configs (launchers/continual.py, tiny
 already: configs/demo/smoke.yaml, retrofit_smoke.yaml) run end to end in tests/test_continual.py.
@@ -118,7 +119,7 @@ class Rehearsal:
 
     world: int
     root: Path
-    corpora: dict  # family -> Corpus: paper -> the README recipe's data, retrofit/tiny -> smft-data synthetic
+    corpora: dict  # family -> Corpus: paper -> docs/paper_recipe.md's data, retrofit/tiny -> smft-data synthetic
     retrofit_model: Path  # smft-retrofit output of a dense model of the tiny sizes
     done: dict = field(default_factory=dict)
 
@@ -170,7 +171,7 @@ def dense_tiny(tiny_data, tmp_path_factory):
     gradient, and continue_pretrain's AdamW (lr 1e-3, no warmup here) opens it by at most ~1e-3 a
     step: after the rehearsal's 6 steps |gate| <= 6e-3, so a sparse step at the config's lr moves
     its rows by ~1e-4 of their norm and the facts' NLL reads the same before and after (measured).
-    README "The retrofit path on the CPU demo": add mode learned nothing at any lr even after 500
+    docs/retrofit.md "The retrofit path on the CPU demo": add mode learned nothing at any lr even after 500
     memory steps; replace mode (the paper's architecture) is the one it recommends for learning."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -196,7 +197,7 @@ def synthetic_corpus(tiny_data, root: Path) -> Corpus:
 
 
 def recipe_corpus(root: Path, tokenizer: Path) -> Corpus:
-    """The README's paper recipe on the fixtures: a packed pretraining corpus (documents and NQ
+    """docs/paper_recipe.md on the fixtures: a packed pretraining corpus (documents and NQ
     questions; SimpleQA held out), and `smft-data facts` of TriviaQA rows at the paper's seq_len 64."""
     facts = root / "facts"
     smft_data("facts", FIX / "triviaqa.jsonl", "--limit", N_FACTS, "--tokenizer", tokenizer, "--vocab-size", 512,
@@ -264,7 +265,7 @@ def test_shipped_config_does_what_it_says(name, world, rehearsals):
     from transformers import AutoTokenizer
 
     from smft_dist.patch.patch import export_patch
-    from smft_dist.train.export import load_checkpoint_model
+    from smft_dist.checkpoint.model import load_checkpoint_model
 
     out, cfg, data = rehearsals[world].run(name)
     meta = json.loads((latest_dir(out / "checkpoints") / "meta.json").read_text())
@@ -336,7 +337,7 @@ def test_shipped_config_does_what_it_says(name, world, rehearsals):
 
 
 def test_readme_paper_recipe_learns_its_facts(rehearsals, tmp_path):
-    """README "The paper's experiments on real data" at tiny scale, on 2 ranks: smft-data facts from
+    """docs/paper_recipe.md at tiny scale, on 2 ranks: smft-data facts from
     the TriviaQA-layout fixture, pretrain, background index, sparse finetune with the paper config
     (the rehearsal's stages), then smft-eval before and after: the facts' NLL falls.
 
@@ -346,7 +347,7 @@ def test_readme_paper_recipe_learns_its_facts(rehearsals, tmp_path):
     slots, ~5 min on 2 loaded cores) reach loss 0.02 on it and NLL 10.7 on the fact statements, and
     F1 on 12 TriviaQA facts is 0.0 before and 0.0 after the paper's sparse finetune (64 paraphrases
     a step, lr 2, t 500; NLL 10.7 -> 9.8). The 6-step model of this rehearsal says ": : :".
-    The CPU demo (configs/demo/cpu.yaml, README "The CPU demo") measures F1 where a model can learn:
+    The CPU demo (configs/demo/cpu.yaml, docs/demo_results.md) measures F1 where a model can learn:
     1,000 known facts in the QA format, 3,000 pretraining steps."""
     out, _, data = rehearsals[2].run("paper/finetune_triviaqa_sparse_1p3b")
     before_ckpt = rehearsals[2].run("paper/background_index_1p3b")[0]

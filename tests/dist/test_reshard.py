@@ -5,8 +5,8 @@ import torch
 
 from smft_dist.config import CheckpointConfig, load_config
 from smft_dist.distributed import context_from_group
-from smft_dist.train import checkpoint as ckpt
-from smft_dist.train.export import load_checkpoint_model
+from smft_dist.checkpoint.model import load_checkpoint_model
+from smft_dist.train.checkpoint import Checkpointer
 from smft_dist.train.trainer import build_run
 from tests.dist.helpers import run_ranks
 
@@ -20,13 +20,17 @@ def batch():
 
 
 def _at_mp2(rank, world, init_from, save_root):
-    cfg = load_config(ROOT / "configs/tiny/pretrain.yaml", [f"model.init_from={init_from}", "logging.progress=false"])
+    # Bitwise logits prove every row landed in place. The unique-row exchange sums each token's bag
+    # in one process's order, so it gives them; the pooled one adds per-owner partials, equal only
+    # within fp32 summation noise (tests/dist/test_pooled_exchange.py).
+    cfg = load_config(ROOT / "configs/tiny/pretrain.yaml", [f"model.init_from={init_from}", "logging.progress=false",
+                                                           "dist.memory_exchange=rows"])
     ctx = context_from_group(cfg.dist)
     tr = build_run(cfg, ctx)
     assert ctx.mp_size == 2 and tr.tables[0].row_end - tr.tables[0].row_start == 16384 // 2
     with torch.no_grad():
         logits = tr.model(batch()).logits  # every rank runs the same batch through its shard
-    checkpointer = ckpt.Checkpointer(CheckpointConfig(resume="none"), save_root, ctx)
+    checkpointer = Checkpointer(CheckpointConfig(resume="none"), save_root, ctx)
     checkpointer.load(tr, None)
     checkpointer.save(7, force=True)
     return logits

@@ -29,8 +29,8 @@ def _slice(world: int, rank: int, total: int, sizes=None) -> slice:
     return slice(start, start + sizes[rank])
 
 
-def _shard_of(local: LocalValueTable, dtype=torch.float32) -> ShardedValueTable:
-    table = ShardedValueTable(local.num_rows, local.dim, group=dist.group.WORLD, dtype=dtype)
+def _shard_of(local: LocalValueTable, dtype=torch.float32, exchange="auto") -> ShardedValueTable:
+    table = ShardedValueTable(local.num_rows, local.dim, group=dist.group.WORLD, dtype=dtype, exchange=exchange)
     with torch.no_grad():
         table.weight.copy_(local.weight[table.row_start:table.row_end])
     return table
@@ -54,12 +54,28 @@ def _assert_counts_are_bincount(ref: LocalValueTable, global_ids: torch.Tensor):
 
 
 # ----- the table alone: hand-made ids (uniform, skewed onto one owner, duplicates, empty ranks) -----
-def _table_body(rank, world, dtype_name):
+def _pooled_bytes(table: ShardedValueTable, idx_TK: torch.Tensor, sizes, world: int) -> int:
+    """Exact wire bytes of one fp32 pooled lookup + backward with weight gradients (sharded.py
+    _PooledLookup): the (M-1) x 4 int64 split message; per entry sent to a remote owner its
+    (int32 local id, int32 token, fp32 weight) = 12 and its fp32 weight gradient (4) from the
+    owner; per remote requester that sent this rank entries, its T_j x D fp32 partial sums; per
+    remote owner this rank sent entries, its T x D fp32 grad_y."""
+    per_rank = [idx_TK[_slice(world, q, idx_TK.shape[0], sizes)] for q in range(world)]
+    owner_of = [table.plan.owner_of(ids.reshape(-1)) for ids in per_rank]
+    me, T = table.mp_rank, per_rank[table.mp_rank].shape[0]
+    sent_remote = int((owner_of[me] != me).sum())
+    got_remote = sum(int((owner_of[q] == me).sum()) for q in range(world) if q != me)
+    partials = sum(per_rank[q].shape[0] * D * 4 for q in range(world) if q != me and (owner_of[q] == me).any())
+    grad_y = sum(T * D * 4 for j in range(world) if j != me and (owner_of[me] == j).any())
+    return 32 * (world - 1) + 12 * sent_remote + partials + grad_y + 4 * got_remote
+
+
+def _table_body(rank, world, dtype_name, exchange="rows"):
     dtype = getattr(torch, dtype_name)
     atol = 1e-6 if dtype == torch.float32 else 1e-3
     ref = LocalValueTable(N_KEYS**2, D, dtype=dtype)
     ref.reset_parameters(torch.Generator().manual_seed(0))
-    table = ShardedValueTable(N_KEYS**2, D, group=dist.group.WORLD, dtype=dtype)
+    table = ShardedValueTable(N_KEYS**2, D, group=dist.group.WORLD, dtype=dtype, exchange=exchange)
     table.reset_parameters(torch.Generator().manual_seed(0))  # drawn shard == rows of the full draw
     assert torch.equal(table.weight, ref.weight[table.row_start:table.row_end])
 
@@ -92,14 +108,18 @@ def _table_body(rank, world, dtype_name):
             torch.testing.assert_close(w.grad, w_ref.grad[sl], atol=atol, rtol=1e-6, msg=name)
             _assert_counts_are_bincount(ref, idx_TK)
             _check_sparse_state(table, ref, atol)
-            if restrict is None and dtype == torch.float32:
-                # exact wire bytes: split sizes, (M-1) x 8 forward and (M-1) x 16 backward; per
+            assert table.last_exchange == exchange
+            if restrict is None and dtype == torch.float32 and exchange == "pooled":
+                assert sum(table.bytes_sent.values()) - before == _pooled_bytes(table, idx_TK, sizes, world), name
+            if restrict is None and dtype == torch.float32 and exchange == "rows":
+                # exact wire bytes: (split size, out-of-range count) and (split size, reuse) to
+                # each other rank, (M-1) x 16 forward and backward; per
                 # remote unique row requested: id + count (16) out, its gradient (4 D) back; per
                 # row served to another rank: the row (4 D)
                 asked = (~table.owns(torch.unique(idx_TK[sl]))).sum()
                 served = sum(table.owns(torch.unique(idx_TK[_slice(world, q, T, sizes)])).sum()
                              for q in range(world) if q != rank)
-                expect = int(asked) * (16 + 4 * D) + int(served) * 4 * D + 24 * (world - 1)
+                expect = int(asked) * (16 + 4 * D) + int(served) * 4 * D + 32 * (world - 1)
                 assert sum(table.bytes_sent.values()) - before == expect, name
 
     # Direct calls with unsorted ids (embedding_bag always passes sorted ones).
@@ -121,13 +141,15 @@ def _table_body(rank, world, dtype_name):
         table.embedding_bag(torch.tensor([[3, 49]]), torch.ones(1, 2))
 
 
+@pytest.mark.parametrize("exchange", ["rows", "pooled"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_table_matches_local(world):
-    run_ranks(_table_body, world, "float32")
+def test_table_matches_local(world, exchange):
+    run_ranks(_table_body, world, "float32", exchange)
 
 
-def test_table_bf16_storage():
-    run_ranks(_table_body, 2, "bfloat16")
+@pytest.mark.parametrize("exchange", ["rows", "pooled"])
+def test_table_bf16_storage(exchange):
+    run_ranks(_table_body, 2, "bfloat16", exchange)
 
 
 # ----- the memory layer: outputs and gradients of query, keys, values -----
@@ -140,12 +162,12 @@ def _layer_inputs(kind: str, B: int, S: int, C: int) -> torch.Tensor:
     return protos[torch.randint(0, 2, (B, S), generator=g)]
 
 
-def _layer_body(rank, world, kind):
+def _layer_body(rank, world, kind, exchange):
     torch.manual_seed(0)
     C, B, S = 16, 5, 4
     ref = ProductKeyMemory(C, N_KEYS, heads=2, knn=3, k_dim=8, value_dim=D)
     layer = copy.deepcopy(ref)
-    layer.set_value_table(_shard_of(ref.values), register=False)
+    layer.set_value_table(_shard_of(ref.values, exchange=exchange), register=False)
     x_BSC = _layer_inputs(kind, B, S, C)
     g_BSC = torch.randn(B, S, C, generator=torch.Generator().manual_seed(3))
     mask_BS = torch.ones(B, S, dtype=torch.bool)
@@ -171,14 +193,15 @@ def _layer_body(rank, world, kind):
     _check_sparse_state(layer.values, ref.values, atol=1e-6)
 
 
-@pytest.mark.parametrize("world,kind", [(2, "uniform"), (3, "uniform"), (3, "skewed")])
-def test_memory_layer_matches_unsharded(world, kind):
-    run_ranks(_layer_body, world, kind)
+@pytest.mark.parametrize("world,kind,exchange", [(2, "uniform", "rows"), (3, "uniform", "rows"), (3, "skewed", "rows"),
+                                                 (2, "uniform", "pooled"), (3, "skewed", "pooled")])
+def test_memory_layer_matches_unsharded(world, kind, exchange):
+    run_ranks(_layer_body, world, kind, exchange)
 
 
 # ----- replicas: world = dp_replicate x mp, replicas sum their sparse gradients and counts -----
-def _replica_body(rank, world, mp):
-    ctx = context_from_group(DistConfig(mp=mp, dp_replicate=world // mp))
+def _replica_body(rank, world, mp, exchange):
+    ctx = context_from_group(DistConfig(mp=mp, dp_replicate=world // mp, memory_exchange=exchange))
     ref = LocalValueTable(N_KEYS**2, D)
     ref.reset_parameters(torch.Generator().manual_seed(0))
     table = ShardedValueTable.from_context(N_KEYS**2, D, ctx)
@@ -194,12 +217,14 @@ def _replica_body(rank, world, mp):
     (y * g_TD[sl]).sum().backward()
     table.sync_replicas()  # after the backward: the gradients; the counts are not summed twice
     table.sync_replicas()
+    assert table.last_exchange == exchange
     _check_sparse_state(table, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("exchange", ["rows", "pooled"])
 @pytest.mark.parametrize("world,mp", [(2, 1), (4, 2)])
-def test_replicas_combine_gradients_and_counts(world, mp):
-    run_ranks(_replica_body, world, mp)
+def test_replicas_combine_gradients_and_counts(world, mp, exchange):
+    run_ranks(_replica_body, world, mp, exchange)
 
 
 # ----- the whole model: logits, loss and value gradients; shard -> unshard round trip -----
@@ -221,10 +246,10 @@ def _sum_loss(model, ids_BS, mask_BS):
     return logits, loss
 
 
-def _model_body(rank, world):
+def _model_body(rank, world, exchange):
     model = _tiny_model()
     ref = copy.deepcopy(model)
-    (table,) = shard_memory(model, context_from_group())
+    (table,) = shard_memory(model, context_from_group(DistConfig(memory_exchange=exchange)))
     assert all(p is not table.weight for p in model.parameters())
     assert not any("values" in k for k in model.state_dict()), "the shard must stay out of the engine's view"
 
@@ -248,6 +273,7 @@ def _model_body(rank, world):
             torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-6)
         ref_total = ref_total + ref_loss
     ref_total.backward()
+    assert table.last_exchange == exchange
     _check_sparse_state(table, ref.memory_layers()[0].values, atol=1e-6)
 
     full = gather_full_table(table)
@@ -257,9 +283,10 @@ def _model_body(rank, world):
     torch.testing.assert_close(model.state_dict()[key], ref.state_dict()[key], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("exchange", ["rows", "pooled"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_model_matches_unsharded(world):
-    run_ranks(_model_body, world)
+def test_model_matches_unsharded(world, exchange):
+    run_ranks(_model_body, world, exchange)
 
 
 # ----- a real dense engine never sees the shard -----

@@ -108,8 +108,8 @@ class _CountingSafeOpen:
                 real_slice = self.fh.get_slice(name)
 
                 class Slice:
-                    def get_shape(self):
-                        return real_slice.get_shape()
+                    def __getattr__(self, name):  # get_shape, get_dtype: the real slice's
+                        return getattr(real_slice, name)
 
                     def __getitem__(self, index):
                         t = real_slice[index]
@@ -125,13 +125,13 @@ class _CountingSafeOpen:
 def _train_and_save(out):
     """One process: 3 pretraining steps (lazy AdamW state on the rows touched), saved at step 3."""
     from smft_dist.distributed import init_distributed
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.train.checkpoint import Checkpointer
     from smft_dist.train.trainer import build_run
 
     cfg = small_config(f"out_dir={out}")
     ctx = init_distributed(cfg.dist)
     trainer = build_run(cfg, ctx)
-    checkpointer = ckpt.Checkpointer(CheckpointConfig(resume="none"), out / "checkpoints", ctx, cfg.model)
+    checkpointer = Checkpointer(CheckpointConfig(resume="none"), out / "checkpoints", ctx, cfg.model)
     checkpointer.load(trainer, None)
     for seed in range(3):
         trainer.train_step(random_batch(cfg, seed=seed))
@@ -140,7 +140,8 @@ def _train_and_save(out):
 
 def _resume_counting_reads(rank, world, out):
     from smft_dist.distributed import init_distributed
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
+    from smft_dist.train.checkpoint import Checkpointer
     from smft_dist.train.trainer import build_run
 
     read = {}
@@ -148,7 +149,7 @@ def _resume_counting_reads(rank, world, out):
     cfg = small_config(f"out_dir={out}")
     ctx = init_distributed(cfg.dist)
     trainer = build_run(cfg, ctx)
-    step = ckpt.Checkpointer(CheckpointConfig(resume="auto"), out / "checkpoints", ctx, cfg.model).load(trainer, None)
+    step = Checkpointer(CheckpointConfig(resume="auto"), out / "checkpoints", ctx, cfg.model).load(trainer, None)
     table = trainer.tables[0]
     return {"step": step, "rows": (table.row_start, table.row_end), "read": read,
             "state": trainer.memory_optimizer.state_dict()["tables"][0]}
@@ -188,7 +189,7 @@ def test_optimizer_state_of_an_older_format_is_refused_naming_the_file(tmp_path)
     that silently drops the optimizer state (it matches no `*.safetensors` file)."""
     from smft_dist.memory.values import LocalValueTable
     from smft_dist.optim import MaskedSGD
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
 
     table = LocalValueTable(4, 2)
     optimizer = MaskedSGD([table], lr=1.0, momentum=0.5)

@@ -15,13 +15,13 @@ from tests.reliability.conftest import (TRAIN, config_args, random_batch, run_cl
 
 def _trainer_and_checkpointer(tmp_path, ckpt_cfg: CheckpointConfig, *overrides):
     from smft_dist.distributed import init_distributed
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.train.checkpoint import Checkpointer
     from smft_dist.train.trainer import build_run
 
     cfg = small_config(f"out_dir={tmp_path}", *overrides)
     ctx = init_distributed(cfg.dist)
     trainer = build_run(cfg, ctx)
-    checkpointer = ckpt.Checkpointer(ckpt_cfg, tmp_path / "checkpoints", ctx, cfg.model)
+    checkpointer = Checkpointer(ckpt_cfg, tmp_path / "checkpoints", ctx, cfg.model)
     return cfg, trainer, checkpointer, checkpointer.load(trainer, None)
 
 
@@ -34,7 +34,7 @@ def test_resave_of_latest_step_killed_midway_leaves_a_loadable_latest(crash_at, 
     """Re-saving step 2 (a preemption right after a periodic save in another process, or a rerun)
     dies at the 1st, 2nd or 3rd rename (old folder aside, new folder in, `latest` replaced): `latest`
     still resolves to a complete step 2, whose weights load, old or new."""
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
 
     single_process_env(monkeypatch)
     cfg, trainer, checkpointer, _ = _trainer_and_checkpointer(tmp_path, CheckpointConfig(resume="none", keep=1))
@@ -75,7 +75,7 @@ def test_resave_of_latest_step_killed_midway_leaves_a_loadable_latest(crash_at, 
 def test_pruning_never_deletes_the_step_latest_names(tmp_path, monkeypatch):
     """A rerun from scratch (resume=none, keep=1) into a folder holding a later step of an old run:
     its own step is what `latest` names, and pruning must keep it."""
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
 
     single_process_env(monkeypatch)
     _, _, old, _ = _trainer_and_checkpointer(tmp_path, CheckpointConfig(resume="none", keep=1))
@@ -139,7 +139,7 @@ def _numbered_run_config(data, out):
 def _train_and_record(rank, world_size, data, out, stop):
     """Resume (resume=auto) at this world size, train until step `stop`, save; -> (groups read, lrs)."""
     from smft_dist.distributed import init_distributed
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.train.checkpoint import Checkpointer
     from smft_dist.train.loop import build_loader
     from smft_dist.train.trainer import build_run
 
@@ -147,7 +147,7 @@ def _train_and_record(rank, world_size, data, out, stop):
     ctx = init_distributed(cfg.dist)
     trainer = build_run(cfg, ctx)
     loader = build_loader(cfg, ctx, data)
-    checkpointer = ckpt.Checkpointer(cfg.checkpoint, out / "checkpoints", ctx, cfg.model)
+    checkpointer = Checkpointer(cfg.checkpoint, out / "checkpoints", ctx, cfg.model)
     step = checkpointer.load(trainer, loader)
     groups, lrs = [], [trainer.engine.scheduler.get_last_lr()[0]]
     batches = iter(loader)

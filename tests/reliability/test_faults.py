@@ -107,7 +107,8 @@ def test_failed_save_keeps_previous_checkpoint_latest_and_loadable(tmp_path, mon
     step byte-for-byte intact and loadable, and no half-written step that looks complete. The
     next successful save clears the leftovers."""
     from smft_dist.distributed import init_distributed
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.checkpoint import layout as ckpt
+    from smft_dist.train.checkpoint import Checkpointer
     from smft_dist.train.trainer import build_run
 
     from smft_dist.config import CheckpointConfig
@@ -117,7 +118,7 @@ def test_failed_save_keeps_previous_checkpoint_latest_and_loadable(tmp_path, mon
     ctx = init_distributed(cfg.dist)
     trainer = build_run(cfg, ctx)
     root = tmp_path / "checkpoints"
-    checkpointer = ckpt.Checkpointer(CheckpointConfig(every=1, keep=5, resume="none"), root, ctx)
+    checkpointer = Checkpointer(CheckpointConfig(every=1, keep=5, resume="none"), root, ctx)
     checkpointer.load(trainer, None)
     save = checkpointer.save
 
@@ -138,7 +139,7 @@ def test_failed_save_keeps_previous_checkpoint_latest_and_loadable(tmp_path, mon
     assert ckpt.resolve_checkpoint(root) == root / "step_1" and tree_digest(root / "step_1") == saved
 
     fresh = build_run(small_config(f"out_dir={tmp_path}"), ctx)
-    assert ckpt.Checkpointer(CheckpointConfig(resume="auto"), root, ctx).load(fresh, None) == 1
+    assert Checkpointer(CheckpointConfig(resume="auto"), root, ctx).load(fresh, None) == 1
     for k, v in fresh.model.state_dict().items():
         assert torch.equal(v, weights_1[k]), k
 

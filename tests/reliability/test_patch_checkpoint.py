@@ -69,7 +69,7 @@ def test_reverted_row_is_not_brought_back_by_its_next_update(finetuned, rel_data
     0.9 x its buffer)."""
     from smft_dist.config import CheckpointConfig
     from smft_dist.distributed import init_distributed
-    from smft_dist.train import checkpoint as ckpt
+    from smft_dist.train.checkpoint import Checkpointer
     from smft_dist.train.trainer import build_run
 
     shutil.copytree(finetuned / "checkpoints", tmp_path / "ckpt")
@@ -84,7 +84,7 @@ def test_reverted_row_is_not_brought_back_by_its_next_update(finetuned, rel_data
                        config="finetune_sparse")
     ctx = init_distributed(cfg.dist)
     trainer = build_run(cfg, ctx)
-    checkpointer = ckpt.Checkpointer(CheckpointConfig(resume=str(tmp_path / "ckpt")), tmp_path / "ckpt", ctx, cfg.model)
+    checkpointer = Checkpointer(CheckpointConfig(resume=str(tmp_path / "ckpt")), tmp_path / "ckpt", ctx, cfg.model)
     assert checkpointer.load(trainer, None) == 4
     table = trainer.tables[0]
     assert torch.equal(table.weight[step4.ids], before_UD)
@@ -100,7 +100,7 @@ def test_reverted_row_is_not_brought_back_by_its_next_update(finetuned, rel_data
 def test_a_damaged_checkpoint_is_refused_before_anything_is_rehashed(finetuned, tmp_path):
     """Re-hashing a flipped byte into the manifest would make the damage pass as intact."""
     from smft_dist.patch.apply import open_target
-    from smft_dist.train.checkpoint import CheckpointError
+    from smft_dist.checkpoint.layout import CheckpointError
 
     step_dir = tmp_path / "step_4"
     shutil.copytree(finetuned / "checkpoints" / "step_4", step_dir)

@@ -3,9 +3,11 @@ ConfigError naming the key, before any model, process group or file is made."""
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from smft_dist.config import ConfigError, DistConfig, check_paths, validate
+from smft_dist.data.mds import write_mds
 from smft_dist.distributed.context import _sizes
 from tests.conftest import ROOT
 from tests.reliability.conftest import TRAIN, config_args, small_config
@@ -59,7 +61,9 @@ def test_missing_paths_name_the_key(key, tmp_path):
         cfg.data.train = None
         cfg.mode = "background_index"
         cfg.data.background = str(tmp_path)
-        (tmp_path / "index.json").write_text('{"shards": [{"samples": 3}]}')
+        one_sample = {"input_ids": np.zeros(4, np.int32), "attention_mask": np.ones(4, np.uint8),
+                      "loss_mask": np.ones(4, np.uint8)}
+        write_mds(tmp_path, [one_sample])  # real MDS data: check_paths reads index.json and the shard headers
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -1,0 +1,159 @@
+"""Host-offloaded memory shards (model.memory_offload=host, docs/offload.md) on one process.
+
+On a CPU run host == device, yet an offloaded table runs its own path: each lookup gathers the
+unique rows it reads "on the host" and copies them "to the device", and the row gradients are
+handed "to the host" for the optimizer. Those are copies of exact values and the same kernels on
+the same operands in the same order, so the run must equal a resident one bit for bit: in
+pretraining and sparse finetuning through the real Trainer, through a checkpoint save and a resume.
+tests/dist/test_offload_dist.py runs the same on 2 gloo ranks.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from smft_dist.config import CheckpointConfig, ConfigError, load_config
+from smft_dist.distributed import context_from_group, gather_full_table, init_distributed
+from smft_dist.memory import LocalValueTable
+from smft_dist.train.checkpoint import Checkpointer
+from smft_dist.train.trainer import build_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.memory_n_keys=16", "model.memory_knn=4", "model.memory_value_dim=32", "model.hidden_size=64",
+         "model.num_attention_heads=4", "model.intermediate_size=32", "optim.warmup_steps=0",
+         "optim.schedule=constant", "logging.progress=false"]
+# (config, overrides); the finetune run starts from the tiny_pretrained fixture (its df index: tfidf)
+RUNS = {
+    "pretrain": ("pretrain.yaml", SMALL + ["model.init_from=null", "optim.lr=1e-2", "optim.memory_lr=1e-2"]),
+    "sparse": ("finetune_sparse.yaml", ["selection.top_t=40", "logging.progress=false"]),
+}
+ROWS, SEQ, STEPS, SAVED_AT = 2, 12, 4, 2  # rows of a rank's batch; steps; the checkpoint after step 2
+
+
+def rank_batch(step: int, rank: int, world: int) -> dict:
+    x = torch.randint(3, 300, (world * ROWS, SEQ), generator=torch.Generator().manual_seed(step))[rank * ROWS:][:ROWS]
+    return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+def state(tr, world: int) -> list[torch.Tensor]:
+    """Every dense weight (sorted by name), then every memory table (whole)."""
+    dense = tr.engine.dense_state_dict()
+    memory = [gather_full_table(t) if world > 1 else t.weight.detach().clone() for t in tr.tables]
+    return [dense[k].clone() for k in sorted(dense)] + memory
+
+
+def run_with_resume(rank: int, world: int, run: str, offload: str, init_from: str, root: str,
+                    exchange: str = "auto") -> dict:
+    """STEPS steps with a checkpoint after SAVED_AT, then a new run resumed from it for the rest.
+    -> {"losses", "initial" / "final" (state before and after STEPS uninterrupted steps), "resumed_losses",
+    "resumed" (state after the resumed run), "metrics" (the first step's), "offloaded" (each table's)}."""
+    config, overrides = RUNS[run]
+    overrides = overrides + [f"model.memory_offload={offload}", f"dist.memory_exchange={exchange}"]
+    if init_from:
+        overrides.append(f"model.init_from={init_from}")
+
+    def build(resume: str):
+        cfg = load_config(ROOT / "configs/tiny" / config, overrides)
+        ctx = context_from_group(cfg.dist) if world > 1 else init_distributed(cfg.dist)
+        tr = build_run(cfg, ctx)
+        checkpointer = Checkpointer(CheckpointConfig(resume=resume), root, ctx)
+        return tr, checkpointer, checkpointer.load(tr, None)
+
+    tr, checkpointer, start = build("none")
+    initial = state(tr, world)
+    losses, metrics = [], []
+    for step in range(STEPS):
+        metrics.append(tr.train_step(rank_batch(step, rank, world)))
+        losses.append(metrics[-1]["loss"])
+        if step + 1 == SAVED_AT:
+            checkpointer.save(SAVED_AT, force=True)
+    out = {"losses": losses, "initial": initial, "final": state(tr, world), "metrics": metrics[0],
+           "offloaded": [t.offload for t in tr.tables]}
+    tr, _, start = build(str(Path(root) / f"step_{SAVED_AT}"))
+    assert start == SAVED_AT
+    out["resumed_losses"] = [tr.train_step(rank_batch(step, rank, world))["loss"] for step in range(start, STEPS)]
+    out["resumed"] = state(tr, world)
+    return out
+
+
+def assert_offload_matches_resident(resident: dict, host: dict, run: str) -> None:
+    assert resident["offloaded"] == ["none"] and set(host["offloaded"]) == {"host"}, run
+    assert host["losses"] == resident["losses"], run
+    assert all(torch.equal(h, r) for h, r in zip(host["final"], resident["final"])), run
+    # the resumed run continues bit for bit like the uninterrupted one
+    assert host["resumed_losses"] == resident["losses"][SAVED_AT:], run
+    assert all(torch.equal(h, r) for h, r in zip(host["resumed"], resident["final"])), run
+    # it trained: the memory moved (a bitwise match of two runs that did nothing would prove nothing)
+    assert not torch.equal(resident["final"][-1], resident["initial"][-1]), run
+    # the step metrics report the host traffic of the offloaded run only
+    assert host["metrics"]["host_rows_moved"] > 0 and host["metrics"]["host_bytes_moved"] > 0, run
+    assert "host_rows_moved" not in resident["metrics"], run
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_offloaded_run_equals_resident_bitwise_through_a_resume(run, request, tmp_path):
+    init_from = str(request.getfixturevalue("tiny_pretrained")) if run == "sparse" else ""
+    results = {}
+    for offload in ("none", "host"):
+        results[offload] = run_with_resume(0, 1, run, offload, init_from, str(tmp_path / offload))
+    assert_offload_matches_resident(results["none"], results["host"], run)
+
+
+def test_rows_and_bytes_moved_are_counted_exactly():
+    """A hand-built batch: the lookup reads the unique rows {1, 3, 5, 7} of a 10-row table once (the
+    ids go down, 8 bytes each; the rows come up, D x 4); backward leaves gradients for the same 4
+    rows, which sparse_grad hands to the host (ids and fp32 rows). A resident table moves nothing."""
+    D = 6
+    idx_TK = torch.tensor([[1, 3, 3], [5, 1, 7]])
+    moved = {}
+    for offload in ("none", "host"):
+        table = LocalValueTable(10, D)
+        table.reset_parameters(torch.Generator().manual_seed(0))
+        if offload == "host":
+            table.offload_to_host()
+        table.zero_step()
+        w_TK = torch.rand(2, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        table.embedding_bag(idx_TK, w_TK).sum().backward()
+        ids_U, grad_UD = table.sparse_grad()
+        moved[offload] = dict(table.moved_rows), dict(table.moved_bytes), ids_U, grad_UD
+    assert moved["none"][:2] == ({}, {})
+    rows, nbytes, ids_U, grad_UD = moved["host"]
+    assert rows == {"h2d": 4, "d2h": 4}
+    assert nbytes == {"h2d": 4 * D * 4, "d2h": 4 * 8 + 4 * (8 + D * 4)}
+    assert ids_U.tolist() == [1, 3, 5, 7] and torch.equal(grad_UD, moved["none"][3])
+
+
+def test_unknown_offload_value_is_one_config_error():
+    with pytest.raises(ConfigError, match=r"model.memory_offload='gpu' is not one of \['none', 'host'\]"):
+        load_config(ROOT / "configs/tiny/pretrain.yaml", ["model.memory_offload=gpu"])
+
+
+def test_plan_moves_the_shard_and_its_row_state_to_the_host():
+    """--plan with model.memory_offload=host: the shard, its optimizer row state (and the host copy
+    of the row gradients) leave the per-GPU parts for the host column, which counts one process per
+    GPU of a node (at most the world); the device keeps the rows one lookup copies in."""
+    from smft_dist.model.memory_plan import memory_plan
+
+    plans = {o: memory_plan(load_config(ROOT / "configs/tiny/pretrain.yaml", [f"model.memory_offload={o}"]), 4, 4, 2)
+             for o in ("none", "host")}
+    resident, host = plans["none"], plans["host"]
+    assert resident["host_parts"] == {} and resident["host_bytes_per_node"] == 0
+    moved = ("memory_values", "memory_optimizer", "memory_optimizer_growth")
+    assert {k: host["host_parts"][k] for k in moved} == {k: resident["parts"][k] for k in moved}
+    assert resident["parts"]["memory_values"] > 0 and resident["parts"]["memory_optimizer"] > 0
+    assert host["host_parts"]["memory_row_grads"] == host["parts"]["memory_row_grads"] > 0
+    assert all(k not in host["parts"] for k in moved)
+    assert resident["total_bytes"] - host["total_bytes"] == (sum(resident["parts"][k] for k in moved)
+                                                             - host["parts"]["offload_rows"])
+    assert host["host_bytes_per_node"] == 2 * sum(host["host_parts"].values())  # 2 GPUs per node of 4
+
+
+def test_inspect_plan_prints_the_host_column(capsys):
+    from smft_dist.model.inspect import main
+
+    main(["--config", str(ROOT / "configs/tiny/pretrain.yaml"), "--plan", "--mp", "2", "--memory-offload", "host",
+          "--json"])
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["settings"]["memory_offload"] == "host" and plan["settings"]["gpus_per_node"] == 8
+    assert plan["host_bytes_per_node"] == 2 * sum(plan["host_parts"].values()) > 0  # world 2 < 8 per node
