@@ -60,9 +60,11 @@ class ProductKeyMemory(nn.Module):
         else:
             x_TC = x_NC
         slots_THK, scores_THK = self.keys(x_TC)
-        w_THK = softmax_weights(scores_THK)  # fp32, as the scores
-        if torch.is_autocast_enabled(x_BSC.device.type):  # the bag in the run's dtype, as the layers around it
-            w_THK = w_THK.to(torch.get_autocast_dtype(x_BSC.device.type))
+        # The weights (fp32, as the scores) in the run's compute dtype, as the layers around the bag:
+        # autocast's, or the module's own where an engine casts it (DeepSpeed bf16 runs without autocast).
+        dev = x_BSC.device.type
+        w_THK = softmax_weights(scores_THK).to(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+                                               else x_BSC.dtype)
         # flatten: T may be 0. in_range: product keys give ids < n_keys^2, the table's rows (set_value_table)
         y_TD = self.values.embedding_bag(slots_THK.flatten(1), w_THK.flatten(1), in_range=True)
         if pos_T is not None:

@@ -34,6 +34,27 @@ from smft_dist.train.loop import main as _train  # what launchers/train.py runs
 from tests.conftest import ROOT
 from tests.reliability.conftest import SMALL, config_args, single_process_env, tree_digest
 
+
+@pytest.fixture(autouse=True)
+def _release_streaming_shared_memory(monkeypatch):
+    """Each case runs its command in this one pytest process, where a user runs one per process.
+    mosaicml-streaming keeps a dataset's shared-memory blocks open until the process exits (an
+    atexit handler per block), and each new dataset opens the earlier ones' prefix blocks too, so
+    hundreds of runs in one process would use up its file descriptors (about 20,000 after this
+    module). Release each case's blocks when the case ends, as the user's process exit would."""
+    from types import SimpleNamespace
+
+    from smft_dist.data.streaming_compat import import_streaming
+
+    import_streaming()
+    import streaming.base.shared.memory as shared_memory
+
+    cleanups = []
+    monkeypatch.setattr(shared_memory, "atexit", SimpleNamespace(register=cleanups.append))
+    yield
+    for cleanup in reversed(cleanups):
+        cleanup()
+
 DAMAGES = ("truncated", "garbage", "empty", "wrong_kind")
 
 
