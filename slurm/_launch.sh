@@ -24,6 +24,9 @@ ENTRY=${ENTRY:-launchers/train.py}
 OVERRIDES=${OVERRIDES:-}
 NNODES=${NNODES:-$SLURM_JOB_NUM_NODES}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+# The launcher sets each rank's own; left over from the shell that ran sbatch (which exports its
+# environment), they would override what it leaves unset (DeepSpeed sets no LOCAL_WORLD_SIZE).
+unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE GROUP_RANK ROLE_RANK
 HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n "$NNODES" | paste -sd,)
 MASTER_ADDR=${HOSTS%%,*}
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}

@@ -22,13 +22,41 @@ def skip_unless_ci(reason: str) -> None:
     pytest.skip(reason)
 
 
+LAUNCHER_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE",
+                           "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_cli(args, timeout=600, env=None, check=True):
-    """Run a command from the repo root; on failure show the tail of its output."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    """Run a command from the repo root; on failure show the tail of its output. The rank variables
+    that in-process runs leave in this process's environment are not passed on: a launcher sets its own."""
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_RANK_VARIABLES}
+    full_env = {**inherited, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
+
+
+def ledger_killed_at(step: int, record_delay_s: float = 0.0) -> str:
+    """`python -c` source of the training launcher whose ledger writer, `record_delay_s` late on
+    every record (a slow disk), writes half of step `step`'s record and is then SIGKILLed."""
+    return f"""
+import os, signal, sys, time
+from safetensors.torch import save
+from smft_dist.patch.ledger import Ledger
+append = Ledger.append
+def dying_append(self, step, tensors, metadata):
+    time.sleep({record_delay_s})
+    if step == {step}:
+        blob = save(tensors, metadata=metadata)
+        self._records.write(blob[:len(blob) // 2])
+        self._records.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    append(self, step, tensors, metadata)
+Ledger.append = dying_append
+from smft_dist.train.loop import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture(scope="session")

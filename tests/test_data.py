@@ -150,6 +150,25 @@ def test_loader_errors(tmp_path):
     assert batch["input_ids"].dtype == torch.long and batch["labels"][0].tolist()[:4] == [-100, 0, 2, -100]
 
 
+@pytest.mark.parametrize("env", [
+    {"LOCAL_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "1"},  # DeepSpeed's ranks in a shell an in-process run left
+    {"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "2"},                      # a local rank past the ranks per node
+    {"LOCAL_WORLD_SIZE": "3", "LOCAL_RANK": "0"},                      # ranks per node not dividing the world
+], ids=["deepspeed-stale-local-world", "local-rank-too-large", "local-world-not-dividing"])
+def test_launcher_variables_that_contradict_each_other_are_refused(tmp_path, monkeypatch, env):
+    """A stale LOCAL_WORLD_SIZE=1 beside DeepSpeed's LOCAL_SIZE=2 made every rank a streaming local
+    leader: both registered the same shared-memory name and one crashed ("File exists")."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RANK", env["LOCAL_RANK"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    path = _numbered(tmp_path / "d", 32)
+    with pytest.raises(DataError, match="left over from the environment the launcher started in"):
+        build_dataloader(path, 4, shuffle=False, seed=0, rank=int(env["LOCAL_RANK"]), world_size=4)
+
+
 def test_stale_resume_block_of_a_killed_job_is_not_picked_up(tmp_path, monkeypatch):
     """A SIGKILLed job leaves `<prefix>_resume` in /dev/shm; a new dataset that gets the same
     prefix must start at the beginning, not at the dead job's position."""

@@ -91,13 +91,13 @@ def test_demo_results_show_the_headlines_as_the_runs_wrote_them():
 
 
 def test_readme_headline_tables_are_the_runs_tables():
-    """The README's headline quotes the 2-seed run's two tables (fact learning, document QA) as the
-    run wrote them: a number edited by hand, or a rerun not copied in, fails here."""
+    """The README's headline quotes the main command's run's two tables (fact learning, document QA)
+    as the run wrote them: a number edited by hand, or a rerun not copied in, fails here."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    tables = TABLE.findall(HEADLINES[1].read_text(encoding="utf-8"))
+    tables = TABLE.findall(HEADLINES[0].read_text(encoding="utf-8"))
     assert len(tables) == 2, tables
     for table in tables:
-        assert table.strip() in readme, f"README.md does not quote this table of {HEADLINES[1].relative_to(ROOT)}:\n{table}"
+        assert table.strip() in readme, f"README.md does not quote this table of {HEADLINES[0].relative_to(ROOT)}:\n{table}"
 
 
 def heading_anchors(markdown: str) -> set[str]:
@@ -218,7 +218,7 @@ PLAN_GROUPS = {  # a column of the shipped-config table: the plan parts it adds 
     "dense weights": ("dense_weights", "frozen_bf16_weights", "autocast_weight_copies"),
     "dense grads, optimizer, buffers": ("dense_grads", "dense_optimizer", "deepspeed_buffers"),
     "memory shard, row state, row grads": ("memory_values", "memory_optimizer", "memory_optimizer_growth",
-                                           "memory_row_grads"),
+                                           "memory_row_grads", "memory_row_grad_sum"),
     "lookup exchange": ("lookup_exchange",),
     "activations + logits": ("activations", "logits"),
 }
@@ -239,25 +239,36 @@ def shipped_plan_row(name: str) -> str:
                               f"**{plan['total_gb']:.2f}**"]) + " |"
 
 
+# the larger-memories table's pretraining micro-batch: the paper's 8 x 2048 tokens per GPU and step as
+# 8 micro-batches of 1 x 2048, with activation checkpointing
+LARGER_MEMORY_MICRO_BATCH = ["data.batch_size=1", "optim.grad_accum=8", "model.activation_checkpointing=true"]
+
+
 def larger_memory_row(n_keys: int, gpus: int) -> str:
-    """The row of docs/plan.md's larger-memories table: pretraining under two row optimizers and
-    sparse finetuning, the paper configs with model.memory_n_keys=n_keys at mp = gpus."""
+    """The row of docs/plan.md's larger-memories table: pretraining (LARGER_MEMORY_MICRO_BATCH)
+    resident under two row optimizers and host-offloaded under row-wise Adagrad, and sparse
+    finetuning, the paper configs with model.memory_n_keys=n_keys at mp = gpus."""
     from smft_dist.config import load_config
     from smft_dist.model.memory_plan import memory_plan
 
     paper = ROOT / "configs" / "paper"
     pretrain = [load_config(paper / "pretrain_1p3b.yaml", [f"model.memory_n_keys={n_keys}",
-                                                            f"optim.memory_row_optimizer={o}"])
-                for o in ("adamw", "rowwise_adagrad")]
+                                                            f"optim.memory_row_optimizer={o}",
+                                                            f"model.memory_offload={offload}",
+                                                            *LARGER_MEMORY_MICRO_BATCH])
+                for o, offload in (("adamw", "none"), ("rowwise_adagrad", "none"), ("rowwise_adagrad", "host"))]
     finetune = load_config(paper / "finetune_triviaqa_sparse_1p3b.yaml", [f"model.memory_n_keys={n_keys}"])
     plans = [memory_plan(c, gpus, gpus) for c in (*pretrain, finetune)]
 
     def total(p: dict) -> str:
         return f"{p['total_gb']:.1f}" + ("" if p["total_bytes"] <= 0.9 * 80e9 else " (over 80 x 0.9)")
 
+    host = plans[2]
     cells = [f"{n_keys ** 2 / 1e6:.1f}M ({n_keys}²)", str(gpus), f"{plans[0]['parts']['memory_values'] / 1e9:.2f}",
              f"{plans[0]['parts']['memory_optimizer'] / 1e9:.2f}", f"{plans[1]['parts']['memory_optimizer'] / 1e9:.2f}",
-             *(total(p) for p in plans)]
+             *(total(p) for p in plans[:3]),
+             f"{host['host_gb_per_node']:.0f}" + ("" if host["host_bytes_per_node"] <= 1.5e12 else " (over 1.5 TB)"),
+             total(plans[3])]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -273,3 +284,16 @@ def test_plan_tables_are_the_plans_output():
 
 if __name__ == "__main__":  # the plan tables' rows, to paste into docs/plan.md
     print("\n".join([shipped_plan_row(n) for n in PLAN_CONFIGS] + [larger_memory_row(*r) for r in LARGER_MEMORIES]))
+
+
+def test_design_levers_section_shows_the_measurements():
+    """docs/design.md §5.5 quotes the tables and the per-seed checks that
+    benchmarks/results/memory_levers.json gives (`python -m smft_dist.bench.memory_levers` prints them)."""
+    from smft_dist.bench.memory_levers import markdown, model_groups
+
+    data = json.loads((ROOT / "benchmarks" / "results" / "memory_levers.json").read_text())
+    design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    assert markdown(data["models"], model_groups(data["models"]), data["correlations"]) in design
+    for recipe in data["seed_checks"].values():
+        for line in recipe["lines"]:
+            assert f"- {line}" in design, line

@@ -155,3 +155,91 @@ def test_deepspeed_buffers_equal_a_zero1_engines_bucket_and_partition(tmp_path):
     # the flattened bf16 gradient partition and its fp32 copy at the step: 2 + 4 bytes per element
     assert memory_plan(cfg, 1, 1)["parts"]["deepspeed_buffers"] == buckets[0] + partition * (2 + 4)
     assert buckets[0] == 500_000_000 * 2
+
+
+# 64 slots x D 32 and micro-batches of 8 x 64 tokens: each micro-batch's 8,192 slot draws (heads 4 x
+# knn 4 per token) touch every slot (at 256 slots a few stay untouched: product keys do not draw
+# uniformly), so each lookup's row gradients reach the plan's bound (the shard), not below it.
+ROW_GRAD_RUN = ["data.batch_size=8", "data.seq_len=64", "optim.grad_accum=3", "model.memory_n_keys=8",
+                "model.memory_knn=4", "model.memory_value_dim=32"]
+
+
+@pytest.mark.parametrize("offload", ["none", "host"])
+@pytest.mark.parametrize("mode", ["pretrain", "sparse_finetune"])
+def test_row_gradient_parts_equal_what_a_real_step_keeps(mode, offload, tmp_path):
+    """`memory_row_grads` against the fp32 row gradients a real step of 3 micro-batches keeps
+    (every entry `ValueTable._keep_grad` adds, recorded as it arrives): resident, all of them stay on
+    the device until the optimizer (3 x the shard; the plan before counted one micro-batch's);
+    offloaded, the device holds one lookup's at a time (the largest entry) and the host the step's.
+    Sparse finetuning keeps the first two micro-batches' rows unrestricted and the last one's
+    top-t, selected before its backward."""
+    from smft_dist.distributed import init_distributed
+    from smft_dist.memory.values import RowSparse
+    from smft_dist.model.memory_plan import row_grad_sum_bytes
+    from smft_dist.train.trainer import build_run
+
+    overrides = ROW_GRAD_RUN + [f"model.memory_offload={offload}", f"out_dir={tmp_path}"]
+    overrides += (["mode=finetune", "method=sparse_memory", "selection.mode=tf", "selection.top_t=50"]
+                  if mode == "sparse_finetune" else ["mode=pretrain"])
+    cfg = load_config(ROOT / "configs/model/tiny.yaml", overrides)
+    trainer = build_run(cfg, init_distributed(cfg.dist))
+    kept = []  # bytes of each entry of row gradients, in arrival order
+    for table in trainer.tables:
+        def recording(ids, vals, sorted_unique=False, add=table._grad.add):
+            kept.append(vals.numel() * vals.element_size())
+            add(ids, vals, sorted_unique)
+        table._grad.add = recording
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(cfg.optim.grad_accum):
+        ids = torch.randint(3, cfg.model.vocab_size, (8, 64), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    trainer.train_step(batches)
+    plan = memory_plan(cfg, 1, 1)
+    row_bytes = cfg.model.memory_value_dim * 4
+    if mode == "sparse_finetune":
+        assert kept == [64 * row_bytes] * 2 + [50 * row_bytes]
+    else:
+        assert kept == [64 * row_bytes] * 3
+    # the sum's extra bytes: a step of several entries (checked against the profiler below) ...
+    sums = plan["host_parts" if offload == "host" else "parts"]["memory_row_grad_sum"]
+    assert sums == row_grad_sum_bytes(sum(kept) // row_bytes, cfg.model.memory_value_dim) > 0
+    # ... and none where the step's one entry of unique rows is its own sum (no allocation at all)
+    one_step = load_config(ROOT / "configs/model/tiny.yaml", overrides + ["optim.grad_accum=1"])
+    assert memory_plan(one_step, 1, 1)["host_parts" if offload == "host" else "parts"]["memory_row_grad_sum"] == 0
+    acc = RowSparse()
+    acc.add(torch.arange(3), torch.ones(3, 2), sorted_unique=True)
+    entry = acc._vals[0]
+    assert acc.coalesce((2,))[1] is entry
+    if offload == "none":
+        assert plan["parts"]["memory_row_grads"] == sum(kept) and "memory_row_grads" not in plan["host_parts"]
+    else:
+        assert plan["parts"]["memory_row_grads"] == max(kept)
+        assert plan["host_parts"]["memory_row_grads"] == sum(kept)
+
+
+@pytest.mark.parametrize("chunk_elements", [None, 64 * 256], ids=["one-chunk", "64-row-chunks"])
+def test_row_gradient_sum_allocates_what_the_plan_counts(chunk_elements):
+    """`memory_row_grad_sum` against the profiler's peak of the sum itself (sum_entries_by_id, which
+    `sparse_grad` runs): 4 entries of 3,000 rows x 256 fp32 over 5,000 ids, freed as they are
+    copied. One chunk (the default's 262,144 rows at D 256): the peak is the chunk's two
+    temporaries (2N rows) once the entries are gone; 64-row chunks: the N-row buffer while the
+    entries still live. The rest is int64 bookkeeping, which the plan bounds by 72 bytes a row
+    against 40-60 alive at the peak (which of them depends on the phase), next to at least 1 KiB
+    of values a row: 0.97 <= (1024 + 40) / (1024 + 72) <= measured / planned <= 1. The entries are made inside the profiled call (the profiler misses frees of
+    blocks allocated before it starts) and taken off the peak. The bits equal the one-chunk sum's."""
+    from smft_dist.memory.values import SUM_CHUNK_ELEMENTS, sum_by_id, sum_entries_by_id
+    from smft_dist.model.memory_plan import row_grad_sum_bytes
+    from tests.test_plan_vs_profiler import step_peak_bytes
+
+    D, K, n = 256, 4, 3000
+    gen = torch.Generator().manual_seed(0)
+    ids_N = torch.randint(0, 5000, (K * n,), generator=gen)
+    vals = [torch.randn(n, D, generator=gen) for _ in range(K)]
+    want = sum_by_id(ids_N, torch.cat(vals))
+    chunk = chunk_elements or SUM_CHUNK_ELEMENTS
+    got = []
+    peak = step_peak_bytes(lambda: got.append(sum_entries_by_id(ids_N, [v.clone() for v in vals], chunk)))
+    assert torch.equal(got[0][0], want[0]) and torch.equal(got[0][1], want[1])
+    planned = row_grad_sum_bytes(K * n, D, chunk)
+    assert 0.97 <= (peak - K * n * D * 4) / planned <= 1, (peak, planned)

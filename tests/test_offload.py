@@ -1,8 +1,8 @@
 """Host-offloaded memory shards (model.memory_offload=host, docs/offload.md) on one process.
 
 On a CPU run host == device, yet an offloaded table runs its own path: each lookup gathers the
-unique rows it reads "on the host" and copies them "to the device", and the row gradients are
-handed "to the host" for the optimizer. Those are copies of exact values and the same kernels on
+unique rows it reads "on the host" and copies them "to the device", and each lookup's row
+gradients move "to the host" as the table keeps them, where the optimizer step sums them. Those are copies of exact values and the same kernels on
 the same operands in the same order, so the run must equal a resident one bit for bit: in
 pretraining and sparse finetuning through the real Trainer, through a checkpoint save and a resume.
 tests/dist/test_offload_dist.py runs the same on 2 gloo ranks.
@@ -27,6 +27,10 @@ SMALL = ["model.memory_n_keys=16", "model.memory_knn=4", "model.memory_value_dim
 RUNS = {
     "pretrain": ("pretrain.yaml", SMALL + ["model.init_from=null", "optim.lr=1e-2", "optim.memory_lr=1e-2"]),
     "sparse": ("finetune_sparse.yaml", ["selection.top_t=40", "logging.progress=false"]),
+    # 3 micro-batches a step: the step's row gradients are several entries of the same rows, which
+    # an offloaded table keeps on the host as they arrive and sums there (ValueTable._keep_grad)
+    "pretrain_accum": ("pretrain.yaml", SMALL + ["model.init_from=null", "optim.lr=1e-2", "optim.memory_lr=1e-2",
+                                                 "optim.grad_accum=3"]),
 }
 ROWS, SEQ, STEPS, SAVED_AT = 2, 12, 4, 2  # rows of a rank's batch; steps; the checkpoint after step 2
 
@@ -34,6 +38,11 @@ ROWS, SEQ, STEPS, SAVED_AT = 2, 12, 4, 2  # rows of a rank's batch; steps; the c
 def rank_batch(step: int, rank: int, world: int) -> dict:
     x = torch.randint(3, 300, (world * ROWS, SEQ), generator=torch.Generator().manual_seed(step))[rank * ROWS:][:ROWS]
     return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
+
+
+def step_batches(step: int, rank: int, world: int, accum: int) -> list[dict]:
+    """The optim.grad_accum micro-batches of one step on this rank."""
+    return [rank_batch(step * accum + k, rank, world) for k in range(accum)]
 
 
 def state(tr, world: int) -> list[torch.Tensor]:
@@ -64,7 +73,7 @@ def run_with_resume(rank: int, world: int, run: str, offload: str, init_from: st
     initial = state(tr, world)
     losses, metrics = [], []
     for step in range(STEPS):
-        metrics.append(tr.train_step(rank_batch(step, rank, world)))
+        metrics.append(tr.train_step(step_batches(step, rank, world, tr.cfg.optim.grad_accum)))
         losses.append(metrics[-1]["loss"])
         if step + 1 == SAVED_AT:
             checkpointer.save(SAVED_AT, force=True)
@@ -72,7 +81,8 @@ def run_with_resume(rank: int, world: int, run: str, offload: str, init_from: st
            "offloaded": [t.offload for t in tr.tables]}
     tr, _, start = build(str(Path(root) / f"step_{SAVED_AT}"))
     assert start == SAVED_AT
-    out["resumed_losses"] = [tr.train_step(rank_batch(step, rank, world))["loss"] for step in range(start, STEPS)]
+    out["resumed_losses"] = [tr.train_step(step_batches(step, rank, world, tr.cfg.optim.grad_accum))["loss"]
+                             for step in range(start, STEPS)]
     out["resumed"] = state(tr, world)
     return out
 
@@ -103,7 +113,8 @@ def test_offloaded_run_equals_resident_bitwise_through_a_resume(run, request, tm
 def test_rows_and_bytes_moved_are_counted_exactly():
     """A hand-built batch: the lookup reads the unique rows {1, 3, 5, 7} of a 10-row table once (the
     ids go down, 8 bytes each; the rows come up, D x 4); backward leaves gradients for the same 4
-    rows, which sparse_grad hands to the host (ids and fp32 rows). A resident table moves nothing."""
+    rows, which move to the host as the table keeps them (ids and fp32 rows). A resident table
+    moves nothing."""
     D = 6
     idx_TK = torch.tensor([[1, 3, 3], [5, 1, 7]])
     moved = {}
@@ -124,25 +135,59 @@ def test_rows_and_bytes_moved_are_counted_exactly():
     assert ids_U.tolist() == [1, 3, 5, 7] and torch.equal(grad_UD, moved["none"][3])
 
 
+def test_row_gradients_move_to_the_host_lookup_by_lookup():
+    """Three lookups in one step (micro-batches of grad_accum, or memory layers) over overlapping
+    rows: an offloaded table moves each lookup's row gradients to the host in that lookup's
+    backward, so the device never holds more than one lookup's; sparse_grad sums the three entries
+    on the host, moves nothing more, and gives bitwise the resident table's sum (the same entries
+    in the same order: rows 3 and 5 get three gradients each, summed by the same pairwise tree)."""
+    D = 5
+    lookups = [torch.tensor([[3, 5], [5, 0]]), torch.tensor([[5, 3]]), torch.tensor([[3, 8], [5, 3]])]
+    out = {}
+    for offload in ("none", "host"):
+        table = LocalValueTable(10, D)
+        table.reset_parameters(torch.Generator().manual_seed(0))
+        if offload == "host":
+            table.offload_to_host()
+        table.zero_step()
+        d2h_after = []
+        for k, idx_TK in enumerate(lookups):
+            w_TK = torch.rand(idx_TK.shape, generator=torch.Generator().manual_seed(k), requires_grad=True)
+            (table.embedding_bag(idx_TK, w_TK) * torch.arange(1.0, D + 1)).sum().backward()
+            d2h_after.append(table.moved_rows["d2h"])
+        moved_before = dict(table.moved_rows), dict(table.moved_bytes)
+        ids_U, grad_UD = table.sparse_grad()
+        assert (dict(table.moved_rows), dict(table.moved_bytes)) == moved_before  # nothing moves at the step
+        assert grad_UD.device == table.weight.device
+        out[offload] = d2h_after, ids_U, grad_UD
+    # moved_rows["d2h"] counts row gradients (the ids a lookup reads count in bytes only), one
+    # for each unique row of a lookup (3, 2, 3): each lookup's gradients cross in its own backward
+    assert out["host"][0] == [3, 3 + 2, 5 + 3] and out["none"][0] == [0, 0, 0]
+    assert out["host"][1].tolist() == out["none"][1].tolist() == [0, 3, 5, 8]
+    assert torch.equal(out["host"][2], out["none"][2])
+
+
 def test_unknown_offload_value_is_one_config_error():
     with pytest.raises(ConfigError, match=r"model.memory_offload='gpu' is not one of \['none', 'host'\]"):
         load_config(ROOT / "configs/tiny/pretrain.yaml", ["model.memory_offload=gpu"])
 
 
 def test_plan_moves_the_shard_and_its_row_state_to_the_host():
-    """--plan with model.memory_offload=host: the shard, its optimizer row state (and the host copy
-    of the row gradients) leave the per-GPU parts for the host column, which counts one process per
-    GPU of a node (at most the world); the device keeps the rows one lookup copies in."""
+    """--plan with model.memory_offload=host: the shard, its optimizer row state and the step's
+    row gradients and their sum leave the per-GPU parts for the host column, which counts one
+    process per GPU of a node (at most the world); the device keeps the rows one lookup copies in
+    and one lookup's row gradients (here the step's: one micro-batch, one memory layer)."""
     from smft_dist.model.memory_plan import memory_plan
 
     plans = {o: memory_plan(load_config(ROOT / "configs/tiny/pretrain.yaml", [f"model.memory_offload={o}"]), 4, 4, 2)
              for o in ("none", "host")}
     resident, host = plans["none"], plans["host"]
     assert resident["host_parts"] == {} and resident["host_bytes_per_node"] == 0
-    moved = ("memory_values", "memory_optimizer", "memory_optimizer_growth")
+    moved = ("memory_values", "memory_optimizer", "memory_optimizer_growth", "memory_row_grad_sum")
     assert {k: host["host_parts"][k] for k in moved} == {k: resident["parts"][k] for k in moved}
     assert resident["parts"]["memory_values"] > 0 and resident["parts"]["memory_optimizer"] > 0
     assert host["host_parts"]["memory_row_grads"] == host["parts"]["memory_row_grads"] > 0
+    assert resident["parts"]["memory_row_grads"] == host["parts"]["memory_row_grads"]
     assert all(k not in host["parts"] for k in moved)
     assert resident["total_bytes"] - host["total_bytes"] == (sum(resident["parts"][k] for k in moved)
                                                              - host["parts"]["offload_rows"])

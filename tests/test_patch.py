@@ -10,7 +10,7 @@ import torch
 from smft_dist.patch.apply import PatchMismatch, apply_patch, open_target, revert_steps, steps_of
 from smft_dist.patch.ledger import Ledger, complete_steps, read_step
 from smft_dist.patch.patch import Patch, export_patch, merge_patches
-from tests.conftest import PY, checkpoint_tensors, data_overrides, latest_dir, run_cli
+from tests.conftest import PY, checkpoint_tensors, data_overrides, latest_dir, ledger_killed_at, run_cli
 
 N_FACTS = 10
 PER_FACT = 16  # 12 paraphrases + 4 copies of the QA pair = one batch: one step per fact
@@ -227,29 +227,11 @@ def test_learn_ten_facts_and_revert_fact_k(learned, patch_base_model, tmp_path):
     assert unlearned_k > 2 * others, end
 
 
-KILL_AT_STEP_4 = """
-import os, signal, sys
-from safetensors.torch import save
-from smft_dist.patch.ledger import Ledger
-append = Ledger.append
-def dying_append(self, step, tensors, metadata):
-    if step == 4:  # half of step 4's record reaches the file, then the process is killed before its index entry
-        blob = save(tensors, metadata=metadata)
-        self._records.write(blob[:len(blob) // 2])
-        self._records.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    append(self, step, tensors, metadata)
-Ledger.append = dying_append
-from smft_dist.train.loop import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_a_killed_run_leaves_a_ledger_that_exports_its_complete_steps_and_resume_continues_it(
         learned, patch_base_model, tiny_data, tmp_path):
     facts = learned[0].parent / "facts"
     args = finetune_args(tiny_data, facts, patch_base_model, tmp_path / "run", "steps=6", "checkpoint.every=2")
-    r = run_cli([PY, "-c", KILL_AT_STEP_4, *args], check=False)
+    r = run_cli([PY, "-c", ledger_killed_at(4), *args], check=False)
     assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL
     patch = export_patch(tmp_path / "run")
     assert [s.step for s in patch.steps] == [1, 2, 3]  # the last complete step; step 4's half record is ignored

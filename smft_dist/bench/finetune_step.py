@@ -8,7 +8,8 @@ rank: forward (with the sparse all-to-all lookup), TF-IDF top-t selection, backw
 selected rows' gradients travel), `MaskedSGD` step. Reports per slot count: the median step time
 (max over ranks), the share of counting + selection + masked update, the share of product-key
 scoring (which grows with sqrt(N) = n_keys, by design), and per rank the peak RSS during the steps
-(setup, which builds the full table once before sharding it, is reported apart).
+(setup, which also holds the dense model's build and the df pass, is reported apart; no rank ever
+holds the whole table: `install_memory`).
 
 The ratio to the smallest size is *paired*: the same processes also hold a memory layer of the
 reference size on the same dense model and alternate steps between the two, so both see the same
@@ -25,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from smft_dist.bench import write_results
 from smft_dist.distributed.spawn import run_ranks
 
 
@@ -78,19 +79,39 @@ def _dense_model(args, ctx):
     return SmftForCausalLM(cfg).to(ctx.device)  # a placeholder memory layer: variants replace it
 
 
-def _add_variant(model, ctx, args, slots: int, seed: int, background: list) -> _Variant:
+def install_memory(model, ctx, args, slots: int, seed: int, offload: str = "none") -> tuple:
+    """Install a memory layer of `slots` slots on `model` -> (layer, this rank's tables).
+
+    Built on the meta device, as the trainer's `build_fresh_model` does: each rank allocates only
+    its shard (rows drawn from generator `seed`), never the whole N x D table (8.6 GB at 64M slots
+    x value_dim 32), then the layer's dense weights (query, keys, W1/W2) are initialised from
+    `seed`. offload="host": the shard moves to host memory (model.memory_offload, docs/offload.md)."""
     from smft_dist.distributed import shard_memory
     from smft_dist.memory import ProductKeyMemory
-    from smft_dist.optim import MaskedSGD, freeze_dense
-    from smft_dist.selection import build_background_index
 
     n_keys = math.isqrt(slots)
     if n_keys * n_keys != slots:
         raise SystemExit(f"--slots {slots} is not a square number (slots = n_keys^2)")
-    torch.manual_seed(seed)
-    layer = ProductKeyMemory(args.hidden, n_keys, 4, args.knn, args.k_dim, args.value_dim).to(ctx.device)
+    with torch.device("meta"):
+        layer = ProductKeyMemory(args.hidden, n_keys, 4, args.knn, args.k_dim, args.value_dim)
     model.model.layers[args.layers // 2].mlp = layer
-    tables = shard_memory(model, ctx, seed=seed)  # this rank's rows only; the full table is freed
+    tables = shard_memory(model, ctx, seed=seed)  # outside the layer's registered modules: to_empty skips it
+    layer.to_empty(device=ctx.device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        layer.apply(model._init_weights)
+    if offload == "host":  # before any optimizer is built: its row state follows the shard
+        for t in tables:
+            t.offload_to_host()
+    return layer, tables
+
+
+def _add_variant(model, ctx, args, slots: int, seed: int, background: list, offload: str = "none") -> _Variant:
+    """A sparse-finetuning variant: dense weights frozen, TF-IDF df index, MaskedSGD."""
+    from smft_dist.optim import MaskedSGD, freeze_dense
+    from smft_dist.selection import build_background_index
+
+    layer, tables = install_memory(model, ctx, args, slots, seed, offload)
     freeze_dense(model)
     indexes = build_background_index(model, background, len(background), tables)
     v = _Variant(slots, layer, tables, indexes, MaskedSGD(tables, lr=1.0))
@@ -117,12 +138,13 @@ def _step(model, v: _Variant, x, sel_cfg, args, record: bool) -> None:
     t2 = time.perf_counter()
     loss.backward()
     t3 = time.perf_counter()
-    v.opt.step(sel)
+    updated = v.opt.step(sel)
     t4 = time.perf_counter()
     if record:
         v.rows.append({"step": t4 - t0, "forward": t1 - t0, "select": t2 - t1, "backward": t3 - t2,
                        "update": t4 - t3, "keys": v.keys_t[1] - v.keys_t[0],
-                       "candidates": int(stats[0].candidates), "selected": stats[0].selected})
+                       "candidates": int(stats[0].candidates), "selected": stats[0].selected,
+                       "updated": updated, "loss": loss.item()})
 
 
 def _rank_body(rank: int, world: int, args, slots: int) -> dict:
@@ -143,7 +165,7 @@ def _rank_body(rank: int, world: int, args, slots: int) -> dict:
     peak_reset = _reset_peak_rss()
     sel_cfg = argparse.Namespace(top_t=args.top_t, mode="tfidf")
     for step in range(args.warmup + args.steps):
-        for v in variants:
+        for v in (variants if step % 2 == 0 else variants[::-1]):  # neither always runs first
             _step(model, v, x, sel_cfg, args, record=step >= args.warmup)
     rss = _rss_mb()
     by_slots = {v.slots: v for v in variants}
@@ -222,12 +244,7 @@ def main(argv=None) -> None:
               f"count+select+update {100 * r['sparse_overhead_fraction']:5.2f}%  "
               f"key scoring {100 * r['keys_fraction']:5.1f}%  peak RSS/rank (MiB) {r['peak_rss_mb_per_rank']}\n"
               f"    median s: {json.dumps({k: round(v, 4) for k, v in r['median_s'].items()})}", flush=True)
-    out = {"benchmark": "finetune_step", "config": vars(args), "torch": torch.__version__,
-           "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(), "results": results}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_results(args.json, "finetune_step", args, results)
     print(json.dumps([{k: r[k] for k in ("slots", "median_step_s", "step_ratio_vs_ref",
                                          "sparse_overhead_fraction", "keys_fraction")} for r in results], indent=1))
 

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.bench.finetune_step import _add_variant, _dense_model, _step, _summarise, add_step_args
+from smft_dist.bench import write_results
 from smft_dist.distributed.spawn import run_ranks
 from smft_dist.patch.ledger import Ledger
 
@@ -135,15 +136,9 @@ def main(argv=None) -> None:
     results["ledger"]["checkpoint_sync_s"] = max(r["sync_s"] for r in ranks)
     results["ledger"]["steps_per_checkpoint_sync"] = args.warmup + args.steps
     t, d = ranks[0]["selected"], args.value_dim
-    out = {"benchmark": "ledger", "config": vars(args), "torch": torch.__version__,
-           "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu_count": os.cpu_count(),
-           "rows_selected_per_step": t, "values_bytes_per_step_lower_bound": 2 * t * d * 2,
-           "results": results, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    print(json.dumps(out["results"], indent=1), flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    print(json.dumps(results, indent=1), flush=True)
+    write_results(args.json, "ledger", args, results, rows_selected_per_step=t,
+                  values_bytes_per_step_lower_bound=2 * t * d * 2, time=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ reference method's best-learning setting within that drop.
 
 Each setting is run from every pretraining seed over every order of the stream; the rule, the
 tables and the checks use the means over those runs, shown as mean ± sample std; report.json keeps
-every run's numbers.
+every run's numbers. With several pretraining seeds every PASS/FAIL check is also made on each
+seed's runs alone (the same rules choosing the settings on that seed's means), and it passes only
+where it holds on the mean and on every seed: a result one pretrained model shows and another does
+not is reported as such, seed by seed.
 """
 from __future__ import annotations
 
@@ -123,9 +126,14 @@ def _tf_vs_tfidf(sweeps: dict, reference: str) -> list[dict]:
 
 def checks(task: str, methods: dict, sweeps: dict, reference: str, pre: dict) -> list[dict]:
     """The issue's claims on this task's shown settings (the fact-learning level at the reference's
-    best setting within the forgetting budget): [{"claim", "status": PASS | FAIL | INFO}]."""
+    best setting within the forgetting budget): [{"claim", "status": PASS | FAIL | INFO}]; a PASS |
+    FAIL check also has `key` (which check it is, the same on any runs of the task) and `value`
+    (its measured quantity, as short as the per-seed lines print it)."""
     out = []
-    add = lambda text, ok: out.append({"claim": text, "status": "PASS" if ok else "FAIL"})  # noqa: E731
+
+    def add(key: str, text: str, ok: bool, value: str) -> None:
+        out.append({"key": key, "claim": text, "status": "PASS" if ok else "FAIL", "value": value})
+
     ref = methods[reference]
     # Fact learning's first targets are one operating point of the reference method: its best
     # setting within the forgetting budget must learn half the new facts and as well as full
@@ -135,49 +143,101 @@ def checks(task: str, methods: dict, sweeps: dict, reference: str, pre: dict) ->
         within = [r for r in sweeps[reference]["sweep"] if r["known_f1_drop_pct"] <= DROP_TARGET_PCT]
         budget = within[_best_learning(within)] if within else None
         if budget is None:
-            add(f"{reference} has a setting within the forgetting budget: none keeps the known-F1 drop <= "
-                f"{DROP_TARGET_PCT:.0f}%", False)
+            add("level", f"{reference} has a setting within the forgetting budget: none keeps the known-F1 drop <= "
+                f"{DROP_TARGET_PCT:.0f}%", False, f"none within {DROP_TARGET_PCT:.0f}%")
         else:
             lead, lead_name = budget, f"{reference} within the forgetting budget"
             out.append({"claim": f"{lead_name}: `{budget['setting']}`, its best-learning setting with a known-F1 drop "
                                  f"<= {DROP_TARGET_PCT:.0f}%: learned F1 {budget['learned_f1']:.3f} at a "
                                  f"{budget['known_f1_drop_pct']:.1f}% drop", "status": "INFO"})
-            add(f"{lead_name} learns at least half of the new facts: learned F1 {budget['learned_f1']:.3f} (needs >= "
-                f"{LEARNED_F1_TARGET})", budget["learned_f1"] >= LEARNED_F1_TARGET)
+            add("level", f"{lead_name} learns at least half of the new facts: learned F1 {budget['learned_f1']:.3f} "
+                f"(needs >= {LEARNED_F1_TARGET})", budget["learned_f1"] >= LEARNED_F1_TARGET, f"{budget['learned_f1']:.3f}")
     fulls = [n for n, e in sweeps.items() if e["method"] == "full" and not e["ablation"]]
     if fulls:
         best_name, best = max(((n, max(r["learned_f1"] for r in sweeps[n]["sweep"])) for n in fulls), key=lambda x: x[1])
-        add(f"{lead_name} learns as well as full finetuning's best minus 0.05: learned F1 {lead['learned_f1']:.3f} vs "
-            f"{best:.3f} ({best_name}'s best setting)", lead["learned_f1"] >= best - 0.05)
+        add("as_full", f"{lead_name} learns as well as full finetuning's best minus 0.05: learned F1 "
+            f"{lead['learned_f1']:.3f} vs {best:.3f} ({best_name}'s best setting)", lead["learned_f1"] >= best - 0.05,
+            f"{lead['learned_f1']:.3f} vs {best:.3f}")
     if task == "facts":
         d_nll = ref["heldout_nll_after"] - ref["heldout_nll_before"]
-        add(f"{reference} keeps held-out NLL at matched learning: {ref['heldout_nll_before']:.3f} → {ref['heldout_nll_after']:.3f} "
-            f"({d_nll:+.3f}, needs within {NLL_TOLERANCE})", abs(d_nll) <= NLL_TOLERANCE)
+        add("nll", f"{reference} keeps held-out NLL at matched learning: {ref['heldout_nll_before']:.3f} → "
+            f"{ref['heldout_nll_after']:.3f} ({d_nll:+.3f}, needs within {NLL_TOLERANCE})", abs(d_nll) <= NLL_TOLERANCE,
+            f"{d_nll:+.3f}")
     for name, m in methods.items():
         if name == reference or m["ablation"]:
             continue
         note = "" if m["matched"] else f" ({name} cannot reach the target learning: its best setting learns {m['learned_f1']:.3f})"
         if task == "facts":
-            add(f"{name} forgets at least {FORGET_RATIO:.0f}x as much as {reference}: {m['known_f1_drop_pct']:.1f}% vs "
-                f"{ref['known_f1_drop_pct']:.1f}%{note}",
-                m["known_f1_drop_pct"] >= FORGET_RATIO * ref["known_f1_drop_pct"] and m["known_f1_drop_pct"] > ref["known_f1_drop_pct"])
+            drops = f"{m['known_f1_drop_pct']:.1f}% vs {ref['known_f1_drop_pct']:.1f}%"
+            add(f"forgets:{name}", f"{name} forgets at least {FORGET_RATIO:.0f}x as much as {reference}: {drops}{note}",
+                m["known_f1_drop_pct"] >= FORGET_RATIO * ref["known_f1_drop_pct"] and m["known_f1_drop_pct"] > ref["known_f1_drop_pct"],
+                drops)
         else:
-            add(f"{reference} forgets less than {name}: {ref['known_f1_drop_pct']:.1f}% vs {m['known_f1_drop_pct']:.1f}%{note}",
-                ref["known_f1_drop_pct"] < m["known_f1_drop_pct"])
+            drops = f"{ref['known_f1_drop_pct']:.1f}% vs {m['known_f1_drop_pct']:.1f}%"
+            add(f"forgets:{name}", f"{reference} forgets less than {name}: {drops}{note}",
+                ref["known_f1_drop_pct"] < m["known_f1_drop_pct"], drops)
     if not ref["matched"]:
         out.append({"claim": f"{reference}'s own learning is not matched to the target: {ref['why']}", "status": "INFO"})
     if task == "facts" and "memory" in pre:
         p = pre["memory"]
         cost = p["known_f1"] - p["known_f1_memory_zeroed"]
-        add(f"zeroing the memory after pretraining costs at least {ZEROED_COST_TARGET} known-fact F1: "
+        add("zeroed", f"zeroing the memory after pretraining costs at least {ZEROED_COST_TARGET} known-fact F1: "
             f"{p['known_f1']:.3f} → {p['known_f1_memory_zeroed']:.3f} (cost {cost:.3f}, mean of {p['seeds']} "
-            f"pretraining seed{'s' if p['seeds'] > 1 else ''})", cost >= ZEROED_COST_TARGET)
+            f"pretraining seed{'s' if p['seeds'] > 1 else ''})", cost >= ZEROED_COST_TARGET, f"{cost:.3f}")
     for d in _tf_vs_tfidf(sweeps, reference):
         out.append({"claim": f"TF-IDF against TF-only ({d['ablation']}) at `{d['setting']}`: learned F1 "
                              f"{d['learned_f1_tfidf_minus_tf']:+.3f} ± {d['learned_f1_std']:.3f}, known-F1 drop "
                              f"{d['drop_pct_tfidf_minus_tf']:+.1f} ± {d['drop_pct_std']:.1f} points (TF-IDF minus TF, "
                              f"paired over {d['runs']} runs)", "status": "INFO"})
     return out
+
+
+def seed_sweeps(sweeps: dict, seed: str) -> dict:
+    """A task's sweeps on pretraining seed `seed`'s runs only: every setting aggregated
+    (aggregate_runs) over that seed's orders of the stream."""
+    return {name: {**{k: v for k, v in entry.items() if k != "sweep"},
+                   "sweep": [{"setting": r["setting"], **aggregate_runs([o for o in r["runs"] if str(o["seed"]) == seed])}
+                             for r in entry["sweep"]]}
+            for name, entry in sweeps.items()}
+
+
+def task_checks(task: str, sweeps: dict, pretrained: dict, reference: str, target: str) -> tuple[dict, list[dict]]:
+    """-> (the shown setting of each method, the checks), both on the means over every run.
+    `pretrained`: {seed (str): that seed's pretrained summary}. With several seeds each PASS/FAIL
+    check is also made on every seed's runs alone (seed_sweeps, the same setting rules): it gets
+    `per_seed` ({seed: {"status", "value"}}) and `mean_status` (the mean's own), and its `status`
+    is PASS only where the mean and every seed pass."""
+    def evaluate(sweeps: dict, pretrained: dict) -> tuple[dict, list[dict]]:
+        methods = build_methods(sweeps, choose_shown(sweeps, target))
+        return methods, checks(task, methods, sweeps, reference, pretrained_means(pretrained))
+
+    methods, out = evaluate(sweeps, pretrained)
+    if len(pretrained) > 1:
+        per_seed = {seed: {c["key"]: c for c in evaluate(seed_sweeps(sweeps, seed), {seed: summary})[1] if "key" in c}
+                    for seed, summary in pretrained.items()}
+        for c in out:
+            if "key" not in c:  # INFO
+                continue
+            c["per_seed"] = {seed: {"status": by_key[c["key"]]["status"], "value": by_key[c["key"]]["value"]}
+                             for seed, by_key in per_seed.items()}
+            c["mean_status"] = c["status"]
+            held = c["mean_status"] == "PASS" and all(r["status"] == "PASS" for r in c["per_seed"].values())
+            c["status"] = "PASS" if held else "FAIL"
+    return methods, out
+
+
+def check_line(c: dict) -> str:
+    """A check as report.md and headline.md list it: `- STATUS: claim`, then, where it was made per
+    seed, each seed's status and value, the seeds it fails on and the mean's own status."""
+    line = f"- {c['status']}: {c['claim']}"
+    if "per_seed" not in c:
+        return line
+    seeds = ", ".join(f"seed {s} {r['status']} ({r['value']})" for s, r in c["per_seed"].items())
+    failing = [s for s, r in c["per_seed"].items() if r["status"] != "PASS"]
+    where = ("every seed" if not failing else "fails on every seed" if len(failing) == len(c["per_seed"])
+             else f"fails on seed{'s' if len(failing) > 1 else ''} {', '.join(failing)}")
+    mean = "" if c["status"] == "PASS" else f"; the mean {'passes' if c['mean_status'] == 'PASS' else 'fails'}"
+    return f"{line} — {where}: {seeds}{mean}"
 
 
 def _pm(r: dict, key: str, fmt: str = ".3f") -> str:
@@ -218,7 +278,7 @@ def headline(report: dict) -> str:
             if not m["ablation"]:
                 lines.append(f"| {_label(name, m)} | {_pm(m, 'learned_f1')} | {_pm(m, 'known_f1_drop_pct', '.1f')}% | "
                              f"{m['heldout_nll_after'] - m['heldout_nll_before']:+.3f} |")
-        lines += [""] + [f"- {c['status']}: {c['claim']}" for c in t["checks"]] + [""]
+        lines += [""] + [check_line(c) for c in t["checks"]] + [""]
     return "\n".join(lines)
 
 
@@ -255,7 +315,7 @@ def _markdown(report: dict, reference: str) -> str:
         lines += ["", "**Why these settings.** Each method shows its least-forgetting setting among those reaching the "
                   "best learned F1 of full finetuning (its best-learning one if none does).", ""]
         lines += [f"- **{name}**: {m['why']}." for name, m in t["methods"].items()]
-        lines += ["", "**Checks:**", ""] + [f"- {c['status']}: {c['claim']}" for c in t["checks"]]
+        lines += ["", "**Checks:**", ""] + [check_line(c) for c in t["checks"]]
         lines += ["", f"![learning and forgetting curves]({task}_curves.png)", "",
                   f"![learning vs forgetting]({task}_pareto.png)", "", "### Every setting", "",
                   "| Method | Setting | Learned F1 | Known F1 after | Known-F1 drop | Held-out NLL after | Wall (s) |",
@@ -370,8 +430,7 @@ def write_report(out: Path, report: dict, reference_method: str, target_method: 
     pre = pretrained_means(report["pretrained"])
     n_runs = len(report["config"]["pretrain_seeds"]) * report["config"]["fact_orders"]
     for task, t in report["tasks"].items():
-        t["methods"] = build_methods(t["sweeps"], choose_shown(t["sweeps"], target_method))
-        t["checks"] = checks(task, t["methods"], t["sweeps"], reference_method, pre)
+        t["methods"], t["checks"] = task_checks(task, t["sweeps"], report["pretrained"], reference_method, target_method)
     report["pretrained_mean"] = pre
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     report["plots"] = [p.name for task, t in report["tasks"].items() for p in _plot(task, t, n_runs, out)]

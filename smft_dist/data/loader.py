@@ -65,12 +65,24 @@ def _check_env(rank: int, world_size: int) -> None:
         have = os.environ.setdefault(key, str(want))
         if int(have) != want:
             raise DataError(f"env {key}={have} but build_dataloader got {key.lower()}={want}: pass the launcher's values")
-    if "LOCAL_WORLD_SIZE" not in os.environ:
-        local = os.environ.get("LOCAL_SIZE") or (str(world_size) if "LOCAL_RANK" not in os.environ else None)
+    launcher_local, local = os.environ.get("LOCAL_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if launcher_local is not None and local is not None and launcher_local != local:
+        # A LOCAL_WORLD_SIZE the DeepSpeed launcher did not set, inherited from the shell or job
+        # that started it (an in-process run sets it to 1): streaming would make every rank a local
+        # leader, and two leaders register the same shared memory ("File exists").
+        raise DataError(f"env LOCAL_WORLD_SIZE={local} but the DeepSpeed launcher's LOCAL_SIZE={launcher_local}: "
+                        f"LOCAL_WORLD_SIZE is left over from the environment the launcher started in; unset it "
+                        f"(and RANK, WORLD_SIZE, LOCAL_RANK) before launching")
+    if local is None:
+        local = launcher_local or (str(world_size) if "LOCAL_RANK" not in os.environ else None)
         if local is None:
             raise DataError("LOCAL_WORLD_SIZE is not set: launch with torchrun/deepspeed or set it to the ranks per node")
         os.environ["LOCAL_WORLD_SIZE"] = local
-    os.environ.setdefault("LOCAL_RANK", str(rank % int(os.environ["LOCAL_WORLD_SIZE"])))
+    os.environ.setdefault("LOCAL_RANK", str(rank % int(local)))
+    if not 0 <= int(os.environ["LOCAL_RANK"]) < int(local) or world_size % int(local):
+        raise DataError(f"env LOCAL_RANK={os.environ['LOCAL_RANK']}, LOCAL_WORLD_SIZE={local} with world size "
+                        f"{world_size}: the local rank must be below the ranks per node, which must divide the world; "
+                        f"one of them is left over from the environment the launcher started in")
     if world_size > 1 and not dist.is_initialized():
         raise DataError(f"world_size={world_size} but torch.distributed is not initialised: init the process group first")
 

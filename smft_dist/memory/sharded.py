@@ -189,7 +189,7 @@ class _PooledLookup(torch.autograd.Function):
                                      [route.T if n else 0 for n in route.send], "bwd").float()
         with record_function("smft/bag"), torch.autocast(G_BD.device.type, enabled=False):
             if table.trainable:
-                table._grad.add(*_owner_row_grads(table, ctx.sort, bag_I, w_I, G_BD), sorted_unique=True)
+                table._keep_grad(*_owner_row_grads(table, ctx.sort, bag_I, w_I, G_BD), sorted_unique=True)
             gw_send = None
             if any(route.need_w):
                 # offloaded: the entries' unique rows move again (autograd saves no rows)
@@ -378,7 +378,7 @@ class ShardedValueTable(ValueTable):
                 sorted_U = _permute(ids_U, perm_U)
                 local_I = self._all_to_all(sorted_U, recv_splits, send_splits, "bwd") - self.row_start
             grad_ID = self._all_to_all(_permute(grad_UD, perm_U), recv_splits, send_splits, "bwd")
-        self._grad.add(local_I, grad_ID)
+        self._keep_grad(local_I, grad_ID)
 
     # ----- the lookup: pooled at the owners, or the unique rows (docs/memory_exchange.md) -----
     def embedding_bag(self, idx_TK: torch.Tensor, w_TK: torch.Tensor, in_range: bool = False) -> torch.Tensor:
@@ -452,12 +452,22 @@ class ShardedValueTable(ValueTable):
         `RowSparse.coalesce` sums them in an order fixed by theirs, on CUDA too."""
         if self.replicate_group is None:
             return
-        dev = self.compute_device  # where the step's gradients and counts accumulate
+        dev = self.compute_device  # where the counts accumulate, and the collective runs
         for name, acc, trailing, dtype in (("grad", self._grad, (self.dim,), torch.float32),
                                            ("counts", self._counts, (), torch.long)):
             new = acc.split_off(self._synced[name])
-            ids, vals = self._all_gather_padded(*new.coalesce(trailing, dtype=dtype, device=dev))
-            acc.add(ids, vals)
+            # an offloaded shard's gradients are on the host (`_keep_grad`): to the device for the
+            # all-gather (counted "h2d"), and the gathered ones back to the host
+            held = self.weight.device if name == "grad" else dev
+            ids, vals = new.coalesce(trailing, dtype=dtype, device=held)
+            if name == "grad" and self.offload == "host":
+                self.moved_rows["h2d"] += ids.numel()
+                self.moved_bytes["h2d"] += ids.numel() * (ids.element_size() + self.dim * vals.element_size())
+            ids, vals = self._all_gather_padded(ids.to(dev), vals.to(dev))
+            if name == "grad":
+                self._keep_grad(ids, vals)
+            else:
+                acc.add(ids, vals)
             self._synced[name] = len(acc)
 
     def _all_gather_padded(self, ids_U: torch.Tensor, vals_U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

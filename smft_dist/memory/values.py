@@ -21,10 +21,13 @@ an N x D tensor, and no dense engine (DeepSpeed, FSDP) ever sees a gradient for 
 Host offload (`offload_to_host`, the config key model.memory_offload=host, docs/offload.md): the
 shard `weight` lives in host memory (pinned where CUDA exists) and the lookups compute on
 `compute_device`. Every read of rows goes through `unique_rows`: one gather of the unique rows on
-the host and one copy to the device. Row gradients accumulate on the device during the step and
-`sparse_grad` moves them (O(rows touched)) to the host, where the memory optimizer, which follows
-`weight.device`, updates the shard and keeps its row state. `moved_rows` / `moved_bytes` count
-what crossed, per direction. A resident table reads through the same method, without the copy.
+the host and one copy to the device. Every row gradient the owner keeps (`_keep_grad`: one lookup's,
+after the exchange) moves to the host at once (O(rows touched)), so the device holds one lookup's
+row gradients at a time, not the step's (optim.grad_accum micro-batches x memory layers); the
+step's entries accumulate on the host, where `sparse_grad` sums them and the memory optimizer,
+which follows `weight.device`, updates the shard and keeps its row state. `moved_rows` /
+`moved_bytes` count what crossed, per direction. A resident table reads through the same method,
+without the copy, and keeps its row gradients on the device.
 """
 from __future__ import annotations
 
@@ -91,12 +94,18 @@ class RowSparse:
             return (torch.empty(0, dtype=torch.long, device=device), torch.zeros((0, *trailing), dtype=dtype, device=device))
         if len(self._ids) == 1 and self._unique[0]:
             return self._ids[0], self._vals[0]
-        uniq, out = sum_by_id(torch.cat(self._ids), torch.cat(self._vals))
+        ids_N, entries = torch.cat(self._ids), self._vals
+        self._ids, self._vals, self._unique = [], [], []
+        uniq, out = sum_entries_by_id(ids_N, entries)  # frees each entry once it has copied it
         self._ids, self._vals, self._unique = [uniq], [out], [True]
         return uniq, out
 
 
-def sum_by_id(ids_N: torch.Tensor, vals_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+SUM_CHUNK_ELEMENTS = 1 << 26  # values the pairwise sum adds at a time (256 MB of fp32): bounds its temporaries
+
+
+def sum_by_id(ids_N: torch.Tensor, vals_N: torch.Tensor,
+              chunk_elements: int = SUM_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (sorted unique ids_U, vals_U...: the sum of the rows of vals_N that have that id).
 
     Bitwise the same on every run and device for the same ordered input: the rows of one id are
@@ -105,25 +114,55 @@ def sum_by_id(ids_N: torch.Tensor, vals_N: torch.Tensor) -> tuple[torch.Tensor, 
     with accumulate) leaves the order of each float sum to the CUDA scheduler's atomics, so
     replicas summing the same gathered rows could differ in the last bit and then diverge
     (distributed/replicas.py fails such a run). O(N log m) for at most m rows per id.
+    vals_N is not changed (`sum_entries_by_id` on a copy). One host sync."""
+    return sum_entries_by_id(ids_N, [vals_N], chunk_elements)
 
-    One host sync: U and m are read together (U sizes the result, m the number of passes).
-    """
+
+def sum_entries_by_id(ids_N: torch.Tensor, entries: list[torch.Tensor],
+                      chunk_elements: int = SUM_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sum_by_id` of ids_N and the rows of `entries` concatenated, in place in one buffer of N
+    rows: each entry is copied to its rows' positions in id order and popped from the list (freed
+    unless the caller holds it), the pairwise tree runs in place, and the sums are compacted to the
+    buffer's first U rows, returned as a view. Memory beyond the entries: the largest entry
+    (while it is copied), and per chunk of ids whose rows hold about `chunk_elements` values (one
+    id's rows never split) two temporaries of its size; the int64 bookkeeping is O(N) ints. An id's
+    adds are the same whatever the chunks: the bits do not depend on `chunk_elements`.
+
+    One host sync: U, m (the most rows of one id) and the chunks' bounds are read together."""
     N = ids_N.numel()
+    if not N:
+        return ids_N, torch.cat(entries)
     ids_sorted_N, perm_N = torch.sort(ids_N, stable=True)  # one id's rows contiguous, in arrival order
-    vals = vals_N.index_select(0, perm_N)
     head_N = torch.ones_like(ids_sorted_N, dtype=torch.bool)
     head_N[1:] = ids_sorted_N[1:] != ids_sorted_N[:-1]  # the first row of its id
     run_N = head_N.cumsum(0) - 1  # which id (0..U-1) a row has (integer cumsum: exact in any order)
     starts_N = torch.searchsorted(run_N, run_N)  # where the row's id starts
     pos_N = torch.arange(N, device=ids_N.device) - starts_N  # position of the row within its id's rows
-    U, m = torch.stack([run_N[-1] + 1, pos_N.max() + 1]).tolist() if N else (0, 0)
-    h = 1
-    while h < m:  # row p (p % 2h == 0) absorbs row p + h of its id: the pairwise tree, level by level
-        absorbs = (pos_N[:-h] % (2 * h) == 0) & (run_N[h:] == run_N[:-h])
-        vals[:-h] = torch.where(absorbs.view(-1, *[1] * (vals.dim() - 1)), vals[:-h] + vals[h:], vals[:-h])
-        h *= 2
+    # chunk bounds: the start (row, id) of the id holding every chunk_rows-th row
+    chunk_rows = max(1, chunk_elements // max(1, entries[0][0].numel()))
+    cut_C = torch.arange(1, -(-N // chunk_rows), device=ids_N.device) * chunk_rows
+    U, m, *cuts = torch.cat([torch.stack([run_N[-1] + 1, pos_N.max() + 1]), starts_N[cut_C], run_N[cut_C]]).tolist()
+    C = len(cuts) // 2
+    bounds = sorted(set(zip([0, *cuts[:C], N], [0, *cuts[C:], U])))  # (row, id) pairs, ascending
+    sorted_at_N = torch.empty_like(perm_N).index_copy_(0, perm_N, torch.arange(N, device=ids_N.device))
+    vals = entries[0].new_empty((N, *entries[0].shape[1:]))
+    row = 0
+    while entries:
+        entry = entries.pop(0)
+        vals.index_copy_(0, sorted_at_N[row:row + entry.shape[0]], entry)
+        row += entry.shape[0]
+        del entry
     heads_U = torch.searchsorted(run_N, torch.arange(U, device=ids_N.device))
-    return ids_sorted_N.index_select(0, heads_U), vals.index_select(0, heads_U)
+    for (a, ua), (b, ub) in zip(bounds, bounds[1:]):
+        chunk, run, pos = vals[a:b], run_N[a:b], pos_N[a:b]
+        h = 1
+        while h < m:  # row p (p % 2h == 0) absorbs row p + h of its id: the pairwise tree, level by level
+            absorbs = (pos[:-h] % (2 * h) == 0) & (run[h:] == run[:-h])
+            chunk[:-h] = torch.where(absorbs.view(-1, *[1] * (chunk.dim() - 1)), chunk[:-h] + chunk[h:], chunk[:-h])
+            h *= 2
+        # ua <= a (an id has a row) and ub <= b: the sums land on rows already summed, never on a later chunk's
+        vals[ua:ub] = chunk.index_select(0, heads_U[ua:ub] - a)
+    return ids_sorted_N.index_select(0, heads_U), vals[:U]
 
 
 class ValueTable(nn.Module):
@@ -149,7 +188,7 @@ class ValueTable(nn.Module):
         self.offload = "none"  # "host": `weight` lives in host memory (offload_to_host)
         self._compute_device: Optional[torch.device] = None  # where lookups compute when offloaded
         # Host <-> device traffic of an offloaded shard, cumulative, per direction: "h2d" the rows
-        # lookups read (and their ids, "d2h"), "d2h" also the row gradients sparse_grad hands over.
+        # lookups read (and their ids, "d2h"), "d2h" also the row gradients `_keep_grad` hands over.
         self.moved_rows: Counter = Counter()
         self.moved_bytes: Counter = Counter()
 
@@ -288,15 +327,22 @@ class ValueTable(nn.Module):
         """-> (local row ids_R', counts_R' int64): this step's accesses of this shard's rows."""
         return self._counts.coalesce(dtype=torch.long, device=self.compute_device)
 
+    def _keep_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor, sorted_unique: bool = False) -> None:
+        """Keep row gradients of this step: local ids_U, grad_UD fp32 (a tensor nothing else reads).
+        Offloaded: moved to the host now (ids and rows, counted "d2h"), so the device holds one
+        lookup's row gradients at a time. The host accumulator gets the same entries in the same
+        order as a resident table's, so `sparse_grad` sums the same operands in the same order
+        (`sum_by_id`: elementwise adds at fixed positions, the same bits on any device)."""
+        if self.offload == "host" and ids_U.numel():
+            self.moved_rows["d2h"] += ids_U.numel()
+            self.moved_bytes["d2h"] += ids_U.numel() * (ids_U.element_size() + self.dim * grad_UD.element_size())
+            ids_U, grad_UD = ids_U.to("cpu"), grad_UD.to("cpu")
+        self._grad.add(ids_U, grad_UD, sorted_unique=sorted_unique)
+
     def sparse_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (local row ids_R', grad_R'D fp32) on weight's device: this step's row-sparse gradient
-        of this shard. Offloaded: each call moves them to the host (counted, "d2h")."""
-        ids_U, grad_UD = self._grad.coalesce((self.dim,), device=self.compute_device)
-        if self.offload != "host":
-            return ids_U, grad_UD
-        self.moved_rows["d2h"] += ids_U.numel()
-        self.moved_bytes["d2h"] += ids_U.numel() * (ids_U.element_size() + self.dim * grad_UD.element_size())
-        return ids_U.to("cpu"), grad_UD.to("cpu")
+        of this shard, its entries summed where they are (offloaded: on the host, nothing moves)."""
+        return self._grad.coalesce((self.dim,), device=self.weight.device)
 
     def scale_grad_(self, factor: float) -> None:
         """Scale this step's row gradients: the trainer turns the sum over data-parallel ranks
@@ -329,7 +375,7 @@ class LocalValueTable(ValueTable):
         return self.read_rows(ids_U)
 
     def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor, sorted_ids: bool = False) -> None:
-        self._grad.add(ids_U, grad_UD, sorted_unique=sorted_ids)
+        self._keep_grad(ids_U, grad_UD, sorted_unique=sorted_ids)
 
 
 def moved_totals(tables: Iterable[ValueTable]) -> tuple[int, int]:

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from smft_dist.config import RunConfig
 from smft_dist.memory.sharded import pooled_wire_bytes, rows_wire_bytes
-from smft_dist.memory.values import DTYPES
+from smft_dist.memory.values import DTYPES, SUM_CHUNK_ELEMENTS
 from smft_dist.model import SmftConfig, SmftForCausalLM
 
 GB = 1e9
@@ -133,7 +133,8 @@ def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> 
     """-> {"settings": ..., "parts": {name: bytes per GPU}, "total_bytes": int, "total_gb": float,
     "host_parts": {name: bytes of host memory per GPU's process}, "host_bytes_per_node": int,
     "host_gb_per_node": float}. model.memory_offload=host moves the memory shard and its optimizer
-    row state from `parts` to `host_parts` (x gpus_per_node ranks per node, at most world) and adds
+    row state from `parts` to `host_parts` (x gpus_per_node ranks per node, at most world), keeps the
+    step's row gradients there too (the device holds one lookup's: `memory_row_grad_bytes`) and adds
     the device's copy of the rows one lookup reads (`offload_rows`, docs/offload.md)."""
     model = build_meta_model(cfg)
     mcfg = model.config
@@ -188,11 +189,16 @@ def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> 
     T = cfg.data.batch_size * cfg.data.seq_len
     lora = cfg.mode == "finetune" and cfg.method == "lora"
     memory_trains = training and not lora
-    parts["memory_row_grads"] = memory_row_grad_bytes(cfg, mcfg, rows, world, T) if memory_trains else 0
     pooled = pooled_lookup(cfg, world, mp, trainable)
+    lookup_grads, step_grads, grad_sum = (memory_row_grad_bytes(cfg, mcfg, rows, world, mp, T, pooled)
+                                          if memory_trains else (0, 0, 0))
+    # resident: the step's row gradients stay on the device until the memory optimizer sums them;
+    # offloaded: each lookup's move to the host as they arrive (ValueTable._keep_grad), and the sum runs there
+    parts["memory_row_grads"] = lookup_grads if offload else step_grads
+    (host_parts if offload else parts)["memory_row_grad_sum"] = grad_sum
     parts["lookup_exchange"] = lookup_exchange_bytes(mcfg, mp, T, e, pooled) if world > 1 else 0
     if offload:
-        host_parts["memory_row_grads"] = parts["memory_row_grads"]  # sparse_grad's host copy for the optimizer
+        host_parts["memory_row_grads"] = step_grads
         parts["offload_rows"] = offload_row_bytes(mcfg, rows, world, T, value_dtype.itemsize)
     # bf16 over fp32 weights (the plain engine): a frozen linear keeps a bf16 copy of its weight for
     # the whole run (engines.cast_frozen_linears_bf16); autocast casts each trainable linear's
@@ -280,17 +286,48 @@ def lookup_exchange_bytes(mcfg, mp: int, T: int, e: int, pooled: bool) -> int:
     return 2 * fetched_row_bytes(mcfg, T) // len(mcfg.memory_layers)
 
 
-def memory_row_grad_bytes(cfg: RunConfig, mcfg, rows: int, world: int, T: int) -> int:
-    """The owners' fp32 row gradients of one step, per memory layer, kept from backward until the
-    memory optimizer has stepped: every row of the shard the global batch touches (at most the
-    shard, and the world's T x heads x knn ids), or in sparse memory finetuning the top-t selected
-    rows (all on this rank at worst)."""
-    D, HK = mcfg.memory_value_dim, mcfg.memory_heads * mcfg.memory_knn
+def memory_row_grad_bytes(cfg: RunConfig, mcfg, rows: int, world: int, mp: int, T: int,
+                          pooled: bool) -> tuple[int, int, int]:
+    """-> (one lookup's, the step's, their sum's extra) fp32 row gradients an owner keeps
+    (`ValueTable._keep_grad`), D x 4 bytes a row, from backward until the memory optimizer has
+    stepped, and what `sparse_grad` adds while it sums one table's (`row_grad_sum_bytes`; nothing
+    where a table's step leaves one entry of unique rows).
+
+    One lookup (one memory layer, one micro-batch) leaves one entry at the owner: the pooled
+    exchange's (and one process's) unique rows of the shard, at most the shard and the world's
+    T x heads x knn ids; the unique-row exchange's entries of every requester concatenated,
+    which may repeat a row, at most mp shards and the world's ids. The entries are summed only by
+    the optimizer's `sparse_grad`, so the step's are every layer's entry of each of the
+    optim.grad_accum micro-batches. Sparse memory finetuning keeps the top-t selected rows of the
+    last micro-batch (selection.max_rows per requester at worst); the earlier micro-batches' travel
+    unrestricted (their selection is not known yet: Trainer.train_step)."""
+    D, HK, K = mcfg.memory_value_dim, mcfg.memory_heads * mcfg.memory_knn, cfg.optim.grad_accum
+
+    def entry_rows(cap: int) -> int:  # cap: the rows of this shard one requester (pooled: the owner) may keep
+        return min(cap if pooled or world == 1 else mp * cap, world * T * HK)
+
+    unrestricted = entry_rows(rows)
     if cfg.mode == "finetune" and cfg.method == "sparse_memory":
-        touched = min(rows, cfg.selection.max_rows)
+        selected = entry_rows(min(rows, cfg.selection.max_rows))
+        lookup, step = unrestricted if K > 1 else selected, (K - 1) * unrestricted + selected
     else:
-        touched = min(rows, world * T * HK)
-    return len(mcfg.memory_layers) * touched * D * 4
+        lookup, step = unrestricted, K * unrestricted
+    # one entry of sorted unique rows a table (RowSparse.add's sorted_unique) is its own sum
+    one_unique_entry = K == 1 and (pooled or world == 1) and cfg.dist.dp_replicate == 1
+    return (lookup * D * 4, len(mcfg.memory_layers) * step * D * 4,
+            0 if one_unique_entry else row_grad_sum_bytes(step, D))
+
+
+def row_grad_sum_bytes(N: int, D: int, chunk_elements: int = SUM_CHUNK_ELEMENTS) -> int:
+    """What `RowSparse.coalesce` (values.sum_entries_by_id) allocates beyond one table's N entry
+    rows of D fp32 values while it sums them, at most: the N-row buffer the entries are copied
+    into (while they are still alive; each is freed once copied), or later, the entries gone, the
+    two temporaries of a chunk of rows (SUM_CHUNK_ELEMENTS values, one id's rows never split; a
+    chunk grows past that only by one id's rows, at most grad_accum x mp, which this ignores);
+    plus the int64 bookkeeping alive throughout, at most 9 x 8 bytes a row (the ids, sorted ids,
+    order, id runs, run starts, positions, destinations, head flags, the unique ids)."""
+    chunk = min(N, max(1, chunk_elements // D))
+    return max(N, 2 * chunk) * D * 4 + N * 9 * 8
 
 
 def deepspeed_buffer_bytes(cfg: RunConfig, engine: str, zero: int, trainable: int, world: int, g: int) -> int:

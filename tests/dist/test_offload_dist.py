@@ -12,7 +12,7 @@ from tests.test_offload import assert_offload_matches_resident, run_with_resume
 
 pytestmark = pytest.mark.slow
 
-CASES = [("pretrain", "pooled"), ("pretrain", "rows"), ("sparse", "auto")]
+CASES = [("pretrain", "pooled"), ("pretrain", "rows"), ("pretrain_accum", "rows"), ("sparse", "auto")]
 
 
 def _on_each_rank(rank, world, init_from, root):
@@ -41,6 +41,9 @@ N, D = 10, 4  # rank 0 owns rows [0, 5), rank 1 rows [5, 10)
 IDX = [torch.tensor([[1, 3], [1, 6]]), torch.tensor([[6, 3], [8, 6], [9, 9]])]
 # Unique rows each owner reads: rank 0 {1, 3}; rank 1 {6, 8, 9}.
 UNIQUE_READ = [2, 3]
+# Row gradients each owner receives by the rows exchange, a row once per requester that read it:
+# rank 0 {1, 3} from rank 0 and {3} from rank 1; rank 1 {6} from rank 0 and {6, 8, 9} from rank 1.
+ROWS_RECEIVED = [3, 4]
 
 
 def _moved(rank):
@@ -62,11 +65,12 @@ def test_each_owner_moves_the_unique_rows_it_reads(two_ranks):
     """Rows moved = the unique rows of the owner's shard that the lookup read, whoever asked and
     however often: both exchanges read them once in the forward; pooled reads them again in the
     backward for the weights' gradients (autograd keeps no rows), rows keeps them at the requester.
-    Each owner then hands the gradients of those rows to the host."""
+    Each owner moves the row gradients it keeps to the host as they arrive: pooled, one per row
+    (the owner computes them); rows, one per requester of the row (summed on the host)."""
     for rank, (_, got) in enumerate(two_ranks):
         U = UNIQUE_READ[rank]
-        for exchange, reads in (("pooled", 2), ("rows", 1)):
+        for exchange, reads, grads in (("pooled", 2, U), ("rows", 1, ROWS_RECEIVED[rank])):
             rows, nbytes, grad_ids = got[exchange]
-            assert rows == {"h2d": reads * U, "d2h": U}, (rank, exchange)
-            assert nbytes == {"h2d": reads * U * D * 4, "d2h": reads * U * 8 + U * (8 + D * 4)}, (rank, exchange)
+            assert rows == {"h2d": reads * U, "d2h": grads}, (rank, exchange)
+            assert nbytes == {"h2d": reads * U * D * 4, "d2h": reads * U * 8 + grads * (8 + D * 4)}, (rank, exchange)
             assert len(grad_ids) == U, (rank, exchange)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PY, ROOT, checkpoint_tensors, latest_dir, run_cli  # noqa: F401 (re-exported)
+from tests.conftest import LAUNCHER_RANK_VARIABLES, PY, ROOT, checkpoint_tensors, latest_dir, run_cli  # noqa: F401 (re-exported)
 
 SMALL = ["model.hidden_size=64", "model.intermediate_size=32", "model.num_hidden_layers=2", "model.memory_layers=[1]",
          "model.memory_n_keys=16", "model.memory_knn=4", "model.memory_k_dim=16", "model.memory_value_dim=32",
@@ -53,7 +53,7 @@ def good_run(rel_data, tmp_path_factory) -> Path:
 
 def single_process_env(monkeypatch) -> None:
     """In-process runs: no launcher variables, so `init_distributed` gives world 1."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for k in LAUNCHER_RANK_VARIABLES:
         monkeypatch.delenv(k, raising=False)
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import save as st_save
 from smft_dist.config import ConfigError, validate
 from smft_dist.memory.values import ValueTable
 from smft_dist.patch.ledger import Ledger, LedgerError, complete_steps, read_meta, read_step
+from tests.conftest import ledger_killed_at
 from tests.reliability.conftest import (PY, TRAIN, checkpoint_tensors, config_args, latest_dir, run_cli,
                                         small_config)
 
@@ -156,23 +157,6 @@ def test_a_full_ledger_disk_stops_the_run_with_one_error_line(rel_data, good_run
 # The launcher with a slow ledger disk (each record 0.2 s late: the writer falls QUEUE_STEPS behind
 # the 10-50 ms steps) whose writer is SIGKILLed halfway through the record of step KILL_STEP.
 KILL_STEP = 8
-SLOW_DISK_KILLED = f"""
-import os, signal, sys, time
-from safetensors.torch import save
-from smft_dist.patch.ledger import Ledger
-append = Ledger.append
-def slow_append(self, step, tensors, metadata):
-    time.sleep(0.2)
-    if step == {KILL_STEP}:
-        blob = save(tensors, metadata=metadata)
-        self._records.write(blob[:len(blob) // 2])
-        self._records.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    append(self, step, tensors, metadata)
-Ledger.append = slow_append
-from smft_dist.train.loop import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.parametrize("mode", ["checkpoint", "step"])
@@ -189,7 +173,7 @@ def test_a_killed_run_keeps_every_step_up_to_its_last_checkpoint_and_only_comple
     args = config_args("finetune_sparse", out, rel_data, f"model.init_from={good_run}/bg/checkpoints",
                        f"data.train={rel_data}/new_facts", "selection.top_t=16", "optim.memory_lr=100",
                        "optim.memory_lr_scale=mean", "steps=30", "checkpoint.every=3", f"ledger.fsync={mode}")
-    r = run_cli([PY, "-c", SLOW_DISK_KILLED, *args], check=False)
+    r = run_cli([PY, "-c", ledger_killed_at(KILL_STEP, record_delay_s=0.2), *args], check=False)
     assert r.returncode == -9, r.stderr[-2000:]  # SIGKILL
     found = complete_steps(out / "ledger")
     assert list(found) == list(range(1, KILL_STEP)), list(found)

@@ -22,12 +22,19 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 CONFIG = "configs/tiny/finetune_sparse.yaml"
 
 
+# What an in-process run leaves in os.environ (streaming reads its ranks from there), and sbatch
+# exports to the job: the DeepSpeed launcher sets no LOCAL_WORLD_SIZE, so a stale 1 made every
+# rank a streaming local leader (two leaders, one shared-memory name: "File exists").
+STALE_RANK_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+
+
 def submit(cluster, tmp: Path, overrides: list[str], script="slurm/finetune.sh", nodes=1, ranks_per_node=2,
            **env: str) -> int:
     """sbatch `script` from the repo root on a CPU cluster (`ranks_per_node` ranks on each of `nodes`
-    nodes); log: tmp/<name>-<id>.out."""
+    nodes); log: tmp/<name>-<id>.out. Submitted from a shell that ran a single-process job before
+    (STALE_RANK_ENV): slurm/_launch.sh must keep them from the ranks."""
     env = {"CONFIG": CONFIG, "GPUS_PER_NODE": str(ranks_per_node), "PYTHON": sys.executable,
-           "OMP_NUM_THREADS": "1", "OVERRIDES": " ".join(overrides), **env}
+           "OMP_NUM_THREADS": "1", "OVERRIDES": " ".join(overrides), **STALE_RANK_ENV, **env}
     return cluster.sbatch(script, env, f"--nodes={nodes}", "--gpus-per-node=0", f"--cpus-per-task={ranks_per_node}",
                           f"--output={tmp}/%x-%j.out", cwd=ROOT)
 
