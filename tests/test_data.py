@@ -11,6 +11,7 @@ from smft_dist.data.mds import write_mds
 from smft_dist.data.tokenizer import load_tokenizer
 from smft_dist.eval.qa import load_qa_jsonl
 from smft_dist.io import atomic_dir
+from tests.conftest import LAUNCHER_RANK_VARIABLES
 from tests.dist.helpers import run_ranks
 
 SEQ = 32
@@ -158,7 +159,7 @@ def test_loader_errors(tmp_path):
 def test_launcher_variables_that_contradict_each_other_are_refused(tmp_path, monkeypatch, env):
     """A stale LOCAL_WORLD_SIZE=1 beside DeepSpeed's LOCAL_SIZE=2 made every rank a streaming local
     leader: both registered the same shared-memory name and one crashed ("File exists")."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+    for k in LAUNCHER_RANK_VARIABLES:
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

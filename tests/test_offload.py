@@ -110,6 +110,16 @@ def test_offloaded_run_equals_resident_bitwise_through_a_resume(run, request, tm
     assert_offload_matches_resident(results["none"], results["host"], run)
 
 
+def fresh_table(D: int, offload: str) -> LocalValueTable:
+    """A 10-row table of seeded rows, offloaded to the host or resident, ready for a step."""
+    table = LocalValueTable(10, D)
+    table.reset_parameters(torch.Generator().manual_seed(0))
+    if offload == "host":
+        table.offload_to_host()
+    table.zero_step()
+    return table
+
+
 def test_rows_and_bytes_moved_are_counted_exactly():
     """A hand-built batch: the lookup reads the unique rows {1, 3, 5, 7} of a 10-row table once (the
     ids go down, 8 bytes each; the rows come up, D x 4); backward leaves gradients for the same 4
@@ -119,11 +129,7 @@ def test_rows_and_bytes_moved_are_counted_exactly():
     idx_TK = torch.tensor([[1, 3, 3], [5, 1, 7]])
     moved = {}
     for offload in ("none", "host"):
-        table = LocalValueTable(10, D)
-        table.reset_parameters(torch.Generator().manual_seed(0))
-        if offload == "host":
-            table.offload_to_host()
-        table.zero_step()
+        table = fresh_table(D, offload)
         w_TK = torch.rand(2, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
         table.embedding_bag(idx_TK, w_TK).sum().backward()
         ids_U, grad_UD = table.sparse_grad()
@@ -145,11 +151,7 @@ def test_row_gradients_move_to_the_host_lookup_by_lookup():
     lookups = [torch.tensor([[3, 5], [5, 0]]), torch.tensor([[5, 3]]), torch.tensor([[3, 8], [5, 3]])]
     out = {}
     for offload in ("none", "host"):
-        table = LocalValueTable(10, D)
-        table.reset_parameters(torch.Generator().manual_seed(0))
-        if offload == "host":
-            table.offload_to_host()
-        table.zero_step()
+        table = fresh_table(D, offload)
         d2h_after = []
         for k, idx_TK in enumerate(lookups):
             w_TK = torch.rand(idx_TK.shape, generator=torch.Generator().manual_seed(k), requires_grad=True)

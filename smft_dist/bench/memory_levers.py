@@ -106,14 +106,19 @@ def run_level(folder: Path) -> dict:
             "pretrain_steps": config["pretrain"]["steps"], "seed": config["pretrain_seeds"][0]}
 
 
-def seed_checks(rows: list[dict], per_seed: float = LEVEL_PER_SEED, mean_level: float = LEVEL_MEAN) -> dict:
-    """Issue 26's target, per pretraining length (a recipe) with at least 2 seeds: every seed's level
-    >= per_seed and their mean >= mean_level -> {"pretrain.steps=S": {"lines": [...], "pass": bool}}."""
+def by_pretrain_steps(rows: list[dict]) -> dict[int, list[dict]]:
+    """Models by pretraining length (a recipe), in the order given."""
     by_steps: dict = {}
     for r in rows:
         by_steps.setdefault(r["pretrain_steps"], []).append(r)
+    return by_steps
+
+
+def seed_checks(rows: list[dict], per_seed: float = LEVEL_PER_SEED, mean_level: float = LEVEL_MEAN) -> dict:
+    """Issue 26's target, per pretraining length (a recipe) with at least 2 seeds: every seed's level
+    >= per_seed and their mean >= mean_level -> {"pretrain.steps=S": {"lines": [...], "pass": bool}}."""
     out = {}
-    for steps, members in sorted(by_steps.items()):
+    for steps, members in sorted(by_pretrain_steps(rows).items()):
         if len(members) < 2:
             continue
         members = sorted(members, key=lambda r: r["seed"])
@@ -448,9 +453,7 @@ def correlations(rows: list[dict], target: str) -> dict:
 def model_groups(rows: list[dict]) -> dict[str, list[dict]]:
     """All models, and the models of each pretraining length with at least 3 of them (across lengths
     most properties move with the length; within one, only the seed differs)."""
-    by_steps: dict = {}
-    for r in rows:
-        by_steps.setdefault(r["pretrain_steps"], []).append(r)
+    by_steps = by_pretrain_steps(rows)
     groups = {"all models": rows}
     if len(by_steps) > 1:
         groups.update({f"pretrain.steps={k}": v for k, v in sorted(by_steps.items()) if len(v) >= 3})
