@@ -272,18 +272,44 @@ def larger_memory_row(n_keys: int, gpus: int) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+OPTIMIZER_STATE_MEMORIES = [(4096, 8), (4096, 32), (11586, 8), (11586, 128)]
+
+
+def optimizer_state_row(n_keys: int, gpus: int) -> str:
+    """The row of docs/plan.md's optimizer-state table: the paper's pretraining with
+    model.memory_n_keys=n_keys at mp = gpus, GB per GPU of memory optimizer state under each row
+    optimizer, and the growth (the same for all three)."""
+    from smft_dist.config import load_config
+    from smft_dist.model.memory_plan import memory_plan
+
+    plans = [memory_plan(load_config(ROOT / "configs" / "paper" / "pretrain_1p3b.yaml",
+                                     [f"model.memory_n_keys={n_keys}", f"optim.memory_row_optimizer={o}"]), gpus, gpus)
+             for o in ("adamw", "rowwise_adagrad", "adam_rowwise")]
+    cells = [f"{n_keys ** 2 / 1e6:.1f}M ({n_keys}²)", str(gpus),
+             *(f"{p['parts']['memory_optimizer'] / 1e9:.2f}" for p in plans),
+             f"{max(p['parts']['memory_optimizer_growth'] for p in plans) / 1e9:.2f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def plan_table_rows() -> list[str]:
+    return ([shipped_plan_row(n) for n in PLAN_CONFIGS] + [optimizer_state_row(*r) for r in OPTIMIZER_STATE_MEMORIES]
+            + [larger_memory_row(*r) for r in LARGER_MEMORIES])
+
+
 def test_plan_tables_are_the_plans_output():
-    """Every row of docs/plan.md's two plan tables is what `memory_plan` computes today: a change of
-    the plan's formulas or of a shipped paper config fails here until the page is regenerated
-    (`python -m tests.test_docs` prints the rows)."""
-    page = (ROOT / "docs" / "plan.md").read_text()
-    want = [shipped_plan_row(n) for n in PLAN_CONFIGS] + [larger_memory_row(*r) for r in LARGER_MEMORIES]
-    stale = [row for row in want if row not in page]
+    """Every row of docs/plan.md's three plan tables is what `memory_plan` computes today: a change
+    of the plan's formulas or of a shipped paper config fails here until the page is regenerated
+    (`python -m tests.test_docs` prints the rows). A row must be on the page exactly once: two
+    tables share their first cells, so a row pasted into the wrong one fails too."""
+    lines = (ROOT / "docs" / "plan.md").read_text().splitlines()
+    stale = [row for row in plan_table_rows() if lines.count(row) != 1]
     assert not stale, "docs/plan.md is stale; its rows should be:\n" + "\n".join(stale)
+    slot_rows = [line for line in lines if line.startswith("| ") and "²)" in line]
+    assert len(slot_rows) == len(OPTIMIZER_STATE_MEMORIES) + len(LARGER_MEMORIES), slot_rows
 
 
 if __name__ == "__main__":  # the plan tables' rows, to paste into docs/plan.md
-    print("\n".join([shipped_plan_row(n) for n in PLAN_CONFIGS] + [larger_memory_row(*r) for r in LARGER_MEMORIES]))
+    print("\n".join(plan_table_rows()))
 
 
 def test_design_levers_section_shows_the_measurements():

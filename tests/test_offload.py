@@ -9,6 +9,7 @@ tests/dist/test_offload_dist.py runs the same on 2 gloo ranks.
 """
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch
 from smft_dist.config import CheckpointConfig, ConfigError, load_config
 from smft_dist.distributed import context_from_group, gather_full_table, init_distributed
 from smft_dist.memory import LocalValueTable
+from smft_dist.memory.sharded import ShardedValueTable
 from smft_dist.train.checkpoint import Checkpointer
 from smft_dist.train.trainer import build_run
 
@@ -167,6 +169,71 @@ def test_row_gradients_move_to_the_host_lookup_by_lookup():
     assert out["host"][0] == [3, 3 + 2, 5 + 3] and out["none"][0] == [0, 0, 0]
     assert out["host"][1].tolist() == out["none"][1].tolist() == [0, 3, 5, 8]
     assert torch.equal(out["host"][2], out["none"][2])
+
+
+class SlicedTable(ShardedValueTable):
+    """A one-process sharded table (the pooled lookup) that records, per read, the unique rows it
+    moves to the device and, per kept gradient, the rows it moves back: what the device holds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads, self.kept = [], []
+
+    def unique_rows(self, local_ids_I):
+        rows_UD, inv_I = super().unique_rows(local_ids_I)
+        self.reads.append(rows_UD.shape[0])
+        return rows_UD, inv_I
+
+    def _keep_grad(self, ids_U, grad_UD, sorted_unique=False):
+        self.kept.append(ids_U.numel())
+        super()._keep_grad(ids_U, grad_UD, sorted_unique)
+
+
+def _pooled_step(dtype: torch.dtype, offload: str, slice_rows: Optional[int], allowed: Optional[torch.Tensor]):
+    """3 pooled lookups of 7 tokens x 6 entries into a 50-row table, the last restricted to `allowed`
+    (sparse finetuning's selection): outputs, weight gradients, the summed row gradients and the
+    access counts, and the table."""
+    table = SlicedTable(50, 8, exchange="pooled", dtype=dtype)
+    table.reset_parameters(torch.Generator().manual_seed(0))
+    if offload == "host":
+        table.offload_to_host()
+    if slice_rows is not None:
+        table.owner_slice_rows = slice_rows
+    table.zero_step()
+    got = []
+    for k in range(3):
+        if k == 2 and allowed is not None:
+            table.restrict_grad_to(allowed)
+        gen = torch.Generator().manual_seed(k)
+        idx_TK = torch.randint(0, 50, (7, 6), generator=gen)
+        w_TK = torch.rand(7, 6, generator=gen, requires_grad=True)
+        y_TD = table.embedding_bag(idx_TK, w_TK)
+        (y_TD * torch.arange(1.0, 9.0)).sum().backward()
+        got += [y_TD.detach(), w_TK.grad]
+    return [*got, *table.sparse_grad(), *table.access_counts()], table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("restricted", [False, True])
+def test_an_offloaded_owner_works_in_slices_with_the_bits_of_one_piece(dtype, restricted):
+    """However many entries a lookup sends one shard (at worst every rank's reads, when the keys
+    favour it), an offloaded owner holds on the device the rows of one slice of its entries (at
+    most owner_slice_rows + K, K = 6 entries per token here) and the row gradients of one slice of
+    its rows (at most owner_slice_rows), each slice's gradients leaving for the host at once. Each
+    bag and each row's gradient is summed by the same kernel over the same entries as in one
+    piece, so every output, weight gradient, row gradient and access count equals the resident
+    table's bit for bit. A lookup here sends 42 entries over about 30 rows: slices of 1, 3 and 10
+    split it; 1000 does not. A resident owner slices its bags too (the fp32 copies of a bf16
+    shard's rows are one slice's), with the same bits."""
+    allowed = torch.tensor([3, 7, 11, 20, 44]) if restricted else None
+    resident, _ = _pooled_step(dtype, "none", None, allowed)
+    resident_sliced, _ = _pooled_step(dtype, "none", 3, allowed)
+    assert all(torch.equal(a, b) for a, b in zip(resident_sliced, resident))
+    for slice_rows in (1, 3, 10, 1000):
+        got, table = _pooled_step(dtype, "host", slice_rows, allowed)
+        assert all(torch.equal(a, b) for a, b in zip(got, resident)), slice_rows
+        assert max(table.reads) <= slice_rows + 6 and max(table.kept) <= slice_rows, slice_rows
+        assert (len(table.reads) > 6) == (slice_rows < 42), slice_rows  # 2 reads a lookup in one piece
 
 
 def test_unknown_offload_value_is_one_config_error():

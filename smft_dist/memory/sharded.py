@@ -7,6 +7,9 @@ receive splits), D value dim, M ranks in the memory-parallel (mp) group, R rows 
 dist.memory_exchange, docs/memory_exchange.md): owner-side pooling (`_PooledLookup`: entries to
 the owners, T x D partial sums back, row gradients computed where the rows live) or the unique-row
 exchange of `fetch` / `push_grad` below; `auto` picks per step by the bytes each would move.
+A pooled owner bags its received entries in slices of `owner_slice_rows` (and, offloaded, computes
+its row gradients that many rows at a time), so what it holds on the device is bounded however
+many ranks' reads land on its shard.
 
 `fetch` runs TorchRec's three stages with one `_Route` between them:
 
@@ -95,6 +98,15 @@ class _PooledRoute:
 
 
 _DOT_CHUNK = 1 << 14  # entries per chunk of the weight-gradient dot products (bounds the transient)
+# An offloaded owner's pooled work runs in slices of this many values' worth of entries (rows x D):
+# 2^29 is 2^19 entries at D = 1024, 1 GiB of bf16 rows on the device; the mean lookup at the
+# paper's shape (2,048 tokens x 128 entries per rank, spread over the shards) is one slice.
+OWNER_SLICE_ELEMENTS = 1 << 29
+
+
+def owner_slice_rows(dim: int) -> int:
+    """Entries (and rows) of one slice of an owner's pooled work for rows of `dim` values."""
+    return max(1, OWNER_SLICE_ELEMENTS // dim)
 
 
 def pooled_wire_bytes(tokens: list[int], K: int, M: int, D: int, wire_bytes: int, need_w: list[bool],
@@ -162,9 +174,8 @@ class _PooledLookup(torch.autograd.Function):
                 sort = (perm_I, uniq_U, cnt_U)
                 if route.records:  # from every requester: the global c(i) of this shard's rows
                     table._counts.add(uniq_U, cnt_U, sorted_unique=True)
-            rows_UD, read_I = table.unique_rows(lid_I)  # offloaded: the unique rows moved once
             with torch.autocast(w_TK.device.type, enabled=False):  # fp32 accumulation, whatever autocast says
-                partial_BD = _owner_bag(rows_UD, read_I, bag_I, w_I, bags).to(wire)
+                partial_BD = _owner_bags_in_slices(table, lid_I, bag_I, w_I, bags).to(wire)
         with record_function("smft/exchange_fwd"):
             parts = table._all_to_all(partial_BD, [T if n else 0 for n in route.send],
                                       [t if n else 0 for n, t in zip(route.recv, route.tokens)], "fwd")
@@ -189,16 +200,19 @@ class _PooledLookup(torch.autograd.Function):
                                      [route.T if n else 0 for n in route.send], "bwd").float()
         with record_function("smft/bag"), torch.autocast(G_BD.device.type, enabled=False):
             if table.trainable:
-                table._keep_grad(*_owner_row_grads(table, ctx.sort, bag_I, w_I, G_BD), sorted_unique=True)
+                _keep_owner_row_grads(table, ctx.sort, bag_I, w_I, G_BD)
             gw_send = None
             if any(route.need_w):
-                # offloaded: the entries' unique rows move again (autograd saves no rows)
-                rows_UD, read_I = table.unique_rows(lid_I)
-                gw_I = torch.empty(lid_I.numel(), dtype=torch.float32, device=G_BD.device)
-                for c in range(0, lid_I.numel(), _DOT_CHUNK):
-                    sl = slice(c, c + _DOT_CHUNK)
-                    rows = rows_UD.index_select(0, read_I[sl]).float()
-                    gw_I[sl] = (G_BD.index_select(0, bag_I[sl]) * rows).sum(1)
+                # offloaded: the entries' unique rows move again (autograd saves no rows), a slice at a time
+                I = lid_I.numel()
+                gw_I = torch.empty(I, dtype=torch.float32, device=G_BD.device)
+                step = table.owner_slice_rows
+                for s0 in range(0, I, step):
+                    rows_UD, read_S = table.unique_rows(lid_I[s0:s0 + step])
+                    for c in range(s0, min(s0 + step, I), _DOT_CHUNK):
+                        sl = slice(c, min(c + _DOT_CHUNK, s0 + step))
+                        rows = rows_UD.index_select(0, read_S[sl.start - s0:sl.stop - s0]).float()
+                        gw_I[sl] = (G_BD.index_select(0, bag_I[sl]) * rows).sum(1)
                 chunks, pos = [], 0
                 for n, want in zip(route.recv, route.need_w):
                     if want:
@@ -231,24 +245,57 @@ def _owner_bag(weight_RD: torch.Tensor, lid_I: torch.Tensor, bag_I: torch.Tensor
                            per_sample_weights=w_I.float(), mode="sum")
 
 
-def _owner_row_grads(table: "ShardedValueTable", sort, bag_I: torch.Tensor, w_I: torch.Tensor,
-                     G_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (local ids_U, grad_UD fp32): grad[r] = sum over entries e of row r of w_I[e] * G[bag_I[e]],
-    for the rows `restrict_grad_to` allows. Entries are grouped by row (the forward's sort), so
-    each row is a run: one embedding_bag over G, no scatter, no row leaves this rank. Every touched
-    row's bag is summed, then the allowed ones kept: one host read (their positions), where
-    dropping the other rows' entries first would take a second (the number of entries kept)."""
+def _owner_bags_in_slices(table: "ShardedValueTable", lid_I: torch.Tensor, bag_I: torch.Tensor,
+                          w_I: torch.Tensor, bags: int) -> torch.Tensor:
+    """-> partial_BD fp32 (`_owner_bag`) of the I entries an owner received, their rows read by
+    `ValueTable.unique_rows`, in slices of whole bags of at most `owner_slice_rows` + K entries (a
+    slice ends where the bag holding its last allowed entry starts; a bag has at most K entries):
+    the device holds one slice's rows (offloaded) and their fp32 copies (a bf16 shard), however
+    many entries the lookup sent this shard. Each bag is summed by the same kernel over the same
+    entries as in one piece: the same bits. One host read (the slices' bounds), only when it slices."""
+    I, step = lid_I.numel(), table.owner_slice_rows
+    if I <= step:
+        rows_UD, read_I = table.unique_rows(lid_I)
+        return _owner_bag(rows_UD, read_I, bag_I, w_I, bags)
+    cut_bags = bag_I[step::step].contiguous()
+    starts = torch.searchsorted(bag_I, cut_bags)  # the first entry of each cut's bag
+    cuts = torch.stack([starts, cut_bags], 1).tolist()
+    bounds = sorted({(0, 0), *map(tuple, cuts), (I, bags)})  # (entry, bag) pairs, ascending
+    partial_BD = torch.empty(bags, table.dim, dtype=torch.float32, device=bag_I.device)
+    for (e0, b0), (e1, b1) in zip(bounds, bounds[1:]):
+        rows_UD, read_S = table.unique_rows(lid_I[e0:e1])
+        partial_BD[b0:b1] = _owner_bag(rows_UD, read_S, bag_I[e0:e1] - b0, w_I[e0:e1], b1 - b0)
+    return partial_BD
+
+
+def _keep_owner_row_grads(table: "ShardedValueTable", sort, bag_I: torch.Tensor, w_I: torch.Tensor,
+                          G_BD: torch.Tensor) -> None:
+    """Keep (`ValueTable._keep_grad`) grad[r] = sum over entries e of row r of w_I[e] * G[bag_I[e]]
+    for the rows `restrict_grad_to` allows, local ids sorted. Entries are grouped by row (the
+    forward's sort), so each row is a run: one embedding_bag over G, no scatter, no row leaves this
+    rank. Every touched row's bag is summed, then the allowed ones kept: one host read (their
+    positions), where dropping the other rows' entries first would take a second (the number of
+    entries kept). An offloaded owner does this for `owner_slice_rows` rows at a time and each
+    slice's gradients leave the device at once (one more host read: the slices' entry bounds); a
+    resident table keeps all of them on the device anyway, in one piece."""
     perm_I, uniq_U, cnt_U = sort
-    if uniq_U.numel() == 0:
-        return uniq_U, G_BD.new_zeros(0, table.dim)
+    U = uniq_U.numel()
+    if U == 0:
+        return
     bag_s, w_s = bag_I.index_select(0, perm_I), w_I.index_select(0, perm_I)
     offsets_U = cnt_U.cumsum(0) - cnt_U
-    grad_UD = F.embedding_bag(bag_s, G_BD, offsets_U, per_sample_weights=w_s.float(), mode="sum")
-    if table._grad_allowed is not None:
-        # both sorted and unique: isin skips its `unique` of each
-        kept = torch.isin(uniq_U + table.row_start, table._grad_allowed, assume_unique=True).nonzero().squeeze(1)
-        uniq_U, grad_UD = uniq_U.index_select(0, kept), grad_UD.index_select(0, kept)
-    return uniq_U, grad_UD
+    step = table.owner_slice_rows if table.offload == "host" else U
+    bounds = [0, *offsets_U[step::step].tolist(), bag_s.numel()] if U > step else [0, bag_s.numel()]
+    for k, (e0, e1) in enumerate(zip(bounds, bounds[1:])):
+        rows = slice(k * step, min((k + 1) * step, U))
+        ids_S = uniq_U[rows]
+        grad_SD = F.embedding_bag(bag_s[e0:e1], G_BD, offsets_U[rows] - e0, per_sample_weights=w_s[e0:e1].float(),
+                                  mode="sum")
+        if table._grad_allowed is not None:
+            # both sorted and unique: isin skips its `unique` of each
+            kept = torch.isin(ids_S + table.row_start, table._grad_allowed, assume_unique=True).nonzero().squeeze(1)
+            ids_S, grad_SD = ids_S.index_select(0, kept), grad_SD.index_select(0, kept)
+        table._keep_grad(ids_S, grad_SD, sorted_unique=True)
 
 
 def _permute(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
@@ -283,6 +330,11 @@ class ShardedValueTable(ValueTable):
         self._grad_anchor = torch.empty(0, device=device, requires_grad=True)  # see embedding_bag
         # [0, s_1, ..., s_{M-1}, N]: searchsorted(edges, id, right=True) - 1 is the owner of a valid id
         self._edges = torch.tensor([plan.bounds(r)[0] for r in range(mp_size)] + [num_rows], device=device)
+        # How many received entries an owner's pooled lookup reads and bags at a time, and, offloaded,
+        # how many rows' gradients its backward computes at a time: the device holds one slice's
+        # rows (their fp32 copies for a bf16 shard) and row gradients, however skewed the lookup
+        # (every rank's reads may land on one shard). Tests set it small to make slices.
+        self.owner_slice_rows = owner_slice_rows(dim)
 
     @classmethod
     def from_context(cls, num_rows: int, dim: int, ctx, dtype: torch.dtype = torch.float32) -> "ShardedValueTable":

@@ -20,12 +20,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from smft_dist.config import RunConfig
-from smft_dist.memory.sharded import pooled_wire_bytes, rows_wire_bytes
+from smft_dist.memory.sharded import owner_slice_rows, pooled_wire_bytes, rows_wire_bytes
 from smft_dist.memory.values import DTYPES, SUM_CHUNK_ELEMENTS
 from smft_dist.model import SmftConfig, SmftForCausalLM
 
@@ -190,16 +191,19 @@ def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> 
     lora = cfg.mode == "finetune" and cfg.method == "lora"
     memory_trains = training and not lora
     pooled = pooled_lookup(cfg, world, mp, trainable)
-    lookup_grads, step_grads, grad_sum = (memory_row_grad_bytes(cfg, mcfg, rows, world, mp, T, pooled)
-                                          if memory_trains else (0, 0, 0))
     # resident: the step's row gradients stay on the device until the memory optimizer sums them;
-    # offloaded: each lookup's move to the host as they arrive (ValueTable._keep_grad), and the sum runs there
+    # offloaded: each lookup's move to the host as they arrive (ValueTable._keep_grad), a slice of
+    # the owner's rows at a time under the pooled exchange, and the sum runs there
+    slice_rows = owner_slice_rows(D) if offload and pooled else None
+    lookup_grads, step_grads, grad_sum = (memory_row_grad_bytes(cfg, mcfg, rows, world, mp, T, pooled, slice_rows)
+                                          if memory_trains else (0, 0, 0))
     parts["memory_row_grads"] = lookup_grads if offload else step_grads
     (host_parts if offload else parts)["memory_row_grad_sum"] = grad_sum
-    parts["lookup_exchange"] = lookup_exchange_bytes(mcfg, mp, T, e, pooled) if world > 1 else 0
+    parts["lookup_exchange"] = (lookup_exchange_bytes(mcfg, world, mp, T, e, pooled, value_dtype.itemsize)
+                                if world > 1 else 0)
     if offload:
         host_parts["memory_row_grads"] = step_grads
-        parts["offload_rows"] = offload_row_bytes(mcfg, rows, world, T, value_dtype.itemsize)
+        parts["offload_rows"] = offload_row_bytes(mcfg, rows, world, T, value_dtype.itemsize, pooled)
     # bf16 over fp32 weights (the plain engine): a frozen linear keeps a bf16 copy of its weight for
     # the whole run (engines.cast_frozen_linears_bf16); autocast casts each trainable linear's
     # weight once per step and keeps the cast until backward (its cast cache), 2 bytes per element.
@@ -226,12 +230,19 @@ def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> 
             "host_parts": host_parts, "host_bytes_per_node": host_node, "host_gb_per_node": round(host_node / GB, 2)}
 
 
-def offload_row_bytes(mcfg, rows: int, world: int, T: int, value_bytes: int) -> int:
+def owner_entries(mcfg, world: int, T: int, pooled: bool) -> int:
+    """The most entries an owner's lookup handles on the device at a time: every rank's T x heads x
+    knn (all of them may read this shard), and under the pooled exchange at most one slice of them
+    (`ShardedValueTable.owner_slice_rows` plus one bag, heads x knn, memory/sharded.py)."""
+    HK = mcfg.memory_heads * mcfg.memory_knn
+    return min(world * T * HK, owner_slice_rows(mcfg.memory_value_dim) + HK) if pooled else world * T * HK
+
+
+def offload_row_bytes(mcfg, rows: int, world: int, T: int, value_bytes: int, pooled: bool) -> int:
     """An offloaded shard's rows on the device while one memory layer's lookup runs (layers run one
-    at a time): the unique rows the owner reads, at most the shard and every rank's T x heads x knn
-    entries, copied in from the host (ValueTable.unique_rows), in the table's dtype."""
-    U = min(rows, world * T * mcfg.memory_heads * mcfg.memory_knn)
-    return U * mcfg.memory_value_dim * value_bytes
+    at a time): the unique rows the owner reads, at most the shard and `owner_entries`, copied in
+    from the host (ValueTable.unique_rows), in the table's dtype."""
+    return min(rows, owner_entries(mcfg, world, T, pooled)) * mcfg.memory_value_dim * value_bytes
 
 
 def activation_bytes(cfg: RunConfig, mcfg, dt: Dtypes, T: int, trainable: int, training: bool,
@@ -273,25 +284,30 @@ def linear_elements(model: SmftForCausalLM) -> int:
     return sum(p.numel() for m in model.modules() if type(m) is nn.Linear for p in m.parameters(recurse=False))
 
 
-def lookup_exchange_bytes(mcfg, mp: int, T: int, e: int, pooled: bool) -> int:
+def lookup_exchange_bytes(mcfg, world: int, mp: int, T: int, e: int, pooled: bool, value_bytes: int) -> int:
     """The exchange's buffers while one memory layer runs (layers run one at a time), T tokens per
     rank on every rank. Pooled: forward, the owner's fp32 partial bags for every requester's
     tokens, their copy in the wire dtype (e) and the M partials received (mp x T x D x (4 + 2e)),
-    plus the fp32 sum (T x D x 4); backward, grad_y expanded to every owner and received there, in
-    the wire dtype and as fp32 (mp x T x D x (2e + 4)), no larger. Unique rows: the owner's
-    gathered rows and the rows received (2 x U x D x 4 at most, U as in `fetched_row_bytes`)."""
+    plus the fp32 sum (T x D x 4), and for a bf16 shard one slice's entry rows that the owner
+    bags, gathered and copied to fp32 (`owner_entries` x D x (2 + 4)); backward, grad_y expanded to every owner and
+    received there, in the wire dtype and as fp32 (mp x T x D x (2e + 4)), no larger. Unique rows:
+    the owner's gathered rows and the rows received (2 x U x D x 4 at most, U as in
+    `fetched_row_bytes`)."""
     D = mcfg.memory_value_dim
     if pooled:
-        return mp * T * D * (4 + 2 * e) + T * D * 4
+        upcast = owner_entries(mcfg, world, T, pooled) * D * (value_bytes + 4) if value_bytes != 4 else 0
+        return mp * T * D * (4 + 2 * e) + T * D * 4 + upcast
     return 2 * fetched_row_bytes(mcfg, T) // len(mcfg.memory_layers)
 
 
 def memory_row_grad_bytes(cfg: RunConfig, mcfg, rows: int, world: int, mp: int, T: int,
-                          pooled: bool) -> tuple[int, int, int]:
+                          pooled: bool, slice_rows: Optional[int] = None) -> tuple[int, int, int]:
     """-> (one lookup's, the step's, their sum's extra) fp32 row gradients an owner keeps
     (`ValueTable._keep_grad`), D x 4 bytes a row, from backward until the memory optimizer has
     stepped, and what `sparse_grad` adds while it sums one table's (`row_grad_sum_bytes`; nothing
-    where a table's step leaves one entry of unique rows).
+    where a table's step leaves one entry of unique rows). `slice_rows`: an offloaded owner's
+    pooled backward keeps them that many rows at a time (`ShardedValueTable.owner_slice_rows`):
+    one lookup's on the device is one slice, and a lookup of more rows leaves several entries.
 
     One lookup (one memory layer, one micro-batch) leaves one entry at the owner: the pooled
     exchange's (and one process's) unique rows of the shard, at most the shard and the world's
@@ -313,7 +329,10 @@ def memory_row_grad_bytes(cfg: RunConfig, mcfg, rows: int, world: int, mp: int, 
     else:
         lookup, step = unrestricted, K * unrestricted
     # one entry of sorted unique rows a table (RowSparse.add's sorted_unique) is its own sum
-    one_unique_entry = K == 1 and (pooled or world == 1) and cfg.dist.dp_replicate == 1
+    one_unique_entry = (K == 1 and (pooled or world == 1) and cfg.dist.dp_replicate == 1
+                        and (slice_rows is None or lookup <= slice_rows))
+    if slice_rows is not None:
+        lookup = min(lookup, slice_rows)
     return (lookup * D * 4, len(mcfg.memory_layers) * step * D * 4,
             0 if one_unique_entry else row_grad_sum_bytes(step, D))
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from smft_dist.memory.sharded import ShardedValueTable
 from tests.dist.helpers import run_ranks
-from tests.test_offload import assert_offload_matches_resident, run_with_resume
+from tests.test_offload import SlicedTable, assert_offload_matches_resident, run_with_resume
 
 pytestmark = pytest.mark.slow
 
@@ -19,19 +19,20 @@ def _on_each_rank(rank, world, init_from, root):
     runs = {(run, exchange, offload): run_with_resume(rank, world, run, offload, init_from if run == "sparse" else "",
                                                       f"{root}/{run}_{exchange}_{offload}", exchange)
             for run, exchange in CASES for offload in ("none", "host")}
-    return runs, _moved(rank)
+    return runs, _moved(rank), _sliced(rank)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_pretrained, tmp_path_factory):
-    """-> per rank, (the runs of every case, the hand-built batch's counters): one spawn for all
+    """-> per rank, (the runs of every case, the hand-built batch's counters, the sliced owner's
+    lookups): one spawn for all
     (a spawn costs seconds)."""
     return run_ranks(_on_each_rank, 2, str(tiny_pretrained), str(tmp_path_factory.mktemp("offload")))
 
 
 @pytest.mark.parametrize("run,exchange", CASES)
 def test_offloaded_run_equals_resident_bitwise_on_2_ranks(two_ranks, run, exchange):
-    for rank_result, _ in two_ranks:
+    for rank_result, *_ in two_ranks:
         assert_offload_matches_resident(rank_result[run, exchange, "none"], rank_result[run, exchange, "host"],
                                         f"{run} {exchange}")
 
@@ -67,10 +68,46 @@ def test_each_owner_moves_the_unique_rows_it_reads(two_ranks):
     backward for the weights' gradients (autograd keeps no rows), rows keeps them at the requester.
     Each owner moves the row gradients it keeps to the host as they arrive: pooled, one per row
     (the owner computes them); rows, one per requester of the row (summed on the host)."""
-    for rank, (_, got) in enumerate(two_ranks):
+    for rank, (_, got, _) in enumerate(two_ranks):
         U = UNIQUE_READ[rank]
         for exchange, reads, grads in (("pooled", 2, U), ("rows", 1, ROWS_RECEIVED[rank])):
             rows, nbytes, grad_ids = got[exchange]
             assert rows == {"h2d": reads * U, "d2h": grads}, (rank, exchange)
             assert nbytes == {"h2d": reads * U * D * 4, "d2h": reads * U * 8 + grads * (8 + D * 4)}, (rank, exchange)
             assert len(grad_ids) == U, (rank, exchange)
+
+
+def _sliced(rank):
+    """The pooled lookup of a 40-row table over 2 ranks, 9 tokens x 4 entries a rank, 2 lookups a
+    step: resident, and offloaded with owner slices of 5 rows -> (outputs, weight gradients, row
+    gradients, counts) of each, and the largest read and kept gradient of the offloaded owner."""
+    out = {}
+    for offload in ("none", "host"):
+        table = SlicedTable(40, 6, group=dist.group.WORLD, exchange="pooled")
+        table.reset_parameters(torch.Generator().manual_seed(0))
+        if offload == "host":
+            table.offload_to_host()
+            table.owner_slice_rows = 5
+        table.zero_step()
+        got = []
+        for k in range(2):
+            gen = torch.Generator().manual_seed(10 * rank + k)
+            idx_TK = torch.randint(0, 40, (9, 4), generator=gen)
+            w_TK = torch.rand(9, 4, generator=gen, requires_grad=True)
+            y_TD = table.embedding_bag(idx_TK, w_TK)
+            (y_TD * torch.arange(1.0, 7.0)).sum().backward()
+            got += [y_TD.detach(), w_TK.grad]
+        out[offload] = [*got, *table.sparse_grad(), *table.access_counts()], table.reads, table.kept
+    return out
+
+
+def test_an_offloaded_owner_slices_its_pooled_work_with_the_bits_of_a_resident_one(two_ranks):
+    """Each owner receives both ranks' entries for its 20 rows (about 36 entries over about 16
+    rows a lookup): sliced by 5, it reads at most 5 + 4 rows at a time (K = 4 entries a token)
+    and keeps at most 5 rows' gradients at a time, and every output, weight gradient, summed row
+    gradient and access count equals the resident run's bit for bit (the 1-process argument:
+    tests/test_offload.py::test_an_offloaded_owner_works_in_slices_with_the_bits_of_one_piece)."""
+    for rank, (*_, sliced) in enumerate(two_ranks):
+        (resident, _, _), (host, reads, kept) = sliced["none"], sliced["host"]
+        assert all(torch.equal(a, b) for a, b in zip(host, resident)), rank
+        assert max(reads) <= 5 + 4 and max(kept) <= 5 and len(reads) > 4, (rank, reads, kept)
