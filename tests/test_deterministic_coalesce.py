@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from smft_dist.memory.values import RowSparse, sum_by_id
+from smft_dist.memory.values import RowSparse, add_rows_in_order, sum_by_id
 from tests.sync_ops import SyncCounter
 
 aten = torch.ops.aten
@@ -53,12 +53,12 @@ def _entries(device):
     return acc
 
 
-def test_coalesce_sums_each_ids_rows_pairwise_in_the_order_added():
+def test_coalesce_adds_each_ids_rows_one_after_another_in_the_order_added():
     ids, vals = _entries("cpu").coalesce((2,))
     assert torch.equal(ids, torch.tensor([2, 4, 7]))
-    # id 7: (1e8 + 1) + (-1e8 + 1) = 0 and (0.5 + 0.25) + (0.25 + 1e8) = 1e8 (+1 is below its spacing);
+    # id 7: ((1e8 + 1) - 1e8) + 1 = 1 and ((0.5 + 0.25) + 0.25) + 1e8 = 1e8 (+1 is below its spacing);
     # id 2: 0.5 + 0.25, 3 - 3; id 4: its one row. Exact: each is one fixed sequence of fp32 adds.
-    want = torch.tensor([[0.75, 0.0], [2.0, 2.0], [0.0, 1e8]])
+    want = torch.tensor([[0.75, 0.0], [2.0, 2.0], [1.0, 1e8]])
     assert torch.equal(vals, want)
 
 
@@ -89,29 +89,48 @@ def test_coalesce_under_deterministic_algorithms(device):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def _pairwise_reference(ids: list[int], vals: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Each id's rows in arrival order, summed level by level: ((v0 + v1) + (v2 + v3)) + v4."""
+def _in_order_reference(ids: list[int], vals: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each id's rows in arrival order, added one after another: ((v0 + v1) + v2) + v3."""
     out = {}
-    for i in sorted(set(ids)):
-        level = [vals[n] for n, j in enumerate(ids) if j == i]
-        while len(level) > 1:
-            level = [level[k] + level[k + 1] if k + 1 < len(level) else level[k] for k in range(0, len(level), 2)]
-        out[i] = level[0]
+    for n, i in enumerate(ids):
+        out[i] = out[i] + vals[n] if i in out else vals[n].clone()
     return out
 
 
-def test_sum_by_id_is_the_pairwise_tree_with_one_host_read():
-    """Runs of 1 to 9 rows per id (odd and even lengths, up to 4 levels), values spread over 16
-    orders of magnitude so that any other order of the adds shows in the bits."""
+def test_sum_by_id_adds_in_arrival_order_with_three_host_reads():
+    """Runs of 1 to 9 rows per id, values spread over 16 orders of magnitude so that any other
+    order of the adds shows in the bits (the pairwise tree this replaced differs on most ids)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.repeat_interleave(torch.arange(12), torch.randint(1, 10, (12,), generator=g))
     ids = ids[torch.randperm(ids.numel(), generator=g)]
     vals = torch.randn(ids.numel(), 3, generator=g) * 10.0 ** torch.randint(-8, 8, (ids.numel(), 1), generator=g)
     with SyncCounter() as syncs:
         uniq, sums = sum_by_id(ids, vals)
-    assert len(syncs) == 1, syncs.breakdown()  # the number of ids and the longest run, read together
-    ref = _pairwise_reference(ids.tolist(), vals)
+    # the number of ids (torch.unique), and the number of passes (the most rows of one id) and
+    # the rows of each pass (unique_consecutive's size, then its counts)
+    assert len(syncs) == 3, syncs.breakdown()
+    ref = _in_order_reference(ids.tolist(), vals)
     assert uniq.tolist() == sorted(ref) and all(torch.equal(sums[k], ref[i]) for k, i in enumerate(uniq.tolist()))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 5, 1 << 20])
+def test_add_rows_in_order_gives_the_same_bits_in_any_chunks(chunk_elements):
+    """Into a non-zero table, repeated rows and not: the chunks of the gather-add-write change
+    nothing (a row's adds are in its own order whatever the chunk)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 3, generator=g) * 1e6
+    idx = torch.randint(0, 6, (40,), generator=g)
+    vals = torch.randn(40, 3, generator=g) * 10.0 ** torch.randint(-6, 6, (40, 1), generator=g)
+    out = base.clone()
+    add_rows_in_order(out, idx, vals, unique=False, chunk_elements=chunk_elements)
+    want = base.clone()
+    for n, i in enumerate(idx.tolist()):
+        want[i] = want[i] + vals[n]
+    assert torch.equal(out, want)
+    perm = torch.randperm(6, generator=g)
+    out_u = base.clone()
+    add_rows_in_order(out_u, perm, vals[:6], unique=True, chunk_elements=chunk_elements)
+    assert torch.equal(out_u[perm], base[perm] + vals[:6])
 
 
 def test_one_sorted_unique_entry_is_already_coalesced():
@@ -130,14 +149,21 @@ def test_one_sorted_unique_entry_is_already_coalesced():
     assert [t.tolist() for t in repeats.coalesce()] == [[4], [3]]
 
 
-def test_scale_by_one_runs_nothing_and_other_factors_scale_in_place():
-    """The trainer scales every step's row gradients by 1 / world: at world 1 nothing may copy them."""
-    acc = _entries("cpu")
-    before = [v.clone() for v in acc._vals]
+def test_a_scale_of_one_runs_nothing_and_other_factors_scale_in_place():
+    """The trainer scales every step's row gradients by 1 / world as their owner keeps them: at
+    world 1 nothing may touch them, elsewhere one in-place multiply (no copy)."""
+    from smft_dist.memory import LocalValueTable
+
+    table = LocalValueTable(10, 2)
+    ids, grad = torch.tensor([1, 4]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     with AtenOps() as ops:
-        acc.scale_(1.0)
-    assert ops.calls == []
+        table._keep_grad(ids, grad, sorted_unique=True)
+    assert ops.calls == [] and table.sparse_grad()[1] is grad
+    table.zero_step()
+    table.set_grad_scale(0.5)
     with AtenOps() as ops:
-        acc.scale_(0.5)
-    assert {str(func) for func, _, _ in ops.calls} == {"aten.mul_.Tensor"}  # no new tensor
-    assert all(torch.equal(v, b * 0.5) for v, b in zip(acc._vals, before))
+        table._keep_grad(ids, grad, sorted_unique=True)
+    assert {str(func) for func, _, _ in ops.calls} == {"aten.mul_.Tensor"}
+    assert table.sparse_grad()[1].tolist() == [[0.5, 1.0], [1.5, 2.0]]
+    table.zero_step()
+    assert table.grad_scale == 1.0  # each step sets its own

@@ -246,7 +246,8 @@ LARGER_MEMORY_MICRO_BATCH = ["data.batch_size=1", "optim.grad_accum=8", "model.a
 
 def larger_memory_row(n_keys: int, gpus: int) -> str:
     """The row of docs/plan.md's larger-memories table: pretraining (LARGER_MEMORY_MICRO_BATCH)
-    resident under two row optimizers and host-offloaded under row-wise Adagrad, and sparse
+    resident under two row optimizers and host-offloaded under row-wise Adagrad with stochastic
+    rounding (no fp32 master), and sparse
     finetuning, the paper configs with model.memory_n_keys=n_keys at mp = gpus."""
     from smft_dist.config import load_config
     from smft_dist.model.memory_plan import memory_plan
@@ -255,6 +256,7 @@ def larger_memory_row(n_keys: int, gpus: int) -> str:
     pretrain = [load_config(paper / "pretrain_1p3b.yaml", [f"model.memory_n_keys={n_keys}",
                                                             f"optim.memory_row_optimizer={o}",
                                                             f"model.memory_offload={offload}",
+                                                            f"optim.memory_stochastic_rounding={offload == 'host'}",
                                                             *LARGER_MEMORY_MICRO_BATCH])
                 for o, offload in (("adamw", "none"), ("rowwise_adagrad", "none"), ("rowwise_adagrad", "host"))]
     finetune = load_config(paper / "finetune_triviaqa_sparse_1p3b.yaml", [f"model.memory_n_keys={n_keys}"])

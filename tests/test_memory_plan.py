@@ -170,12 +170,13 @@ def test_row_gradient_parts_equal_what_a_real_step_keeps(mode, offload, tmp_path
     """`memory_row_grads` against the fp32 row gradients a real step of 3 micro-batches keeps
     (every entry `ValueTable._keep_grad` adds, recorded as it arrives): resident, all of them stay on
     the device until the optimizer (3 x the shard; the plan before counted one micro-batch's);
-    offloaded, the device holds one lookup's at a time (the largest entry) and the host the step's.
-    Sparse finetuning keeps the first two micro-batches' rows unrestricted and the last one's
-    top-t, selected before its backward."""
+    offloaded, the device holds one lookup's at a time (the largest entry) and the host the shard's
+    sum buffer, which a real step allocates at its first gradient, and the ids kept. Sparse
+    finetuning keeps the first two micro-batches' rows unrestricted and the last one's top-t,
+    selected before its backward."""
     from smft_dist.distributed import init_distributed
     from smft_dist.memory.values import RowSparse
-    from smft_dist.model.memory_plan import row_grad_sum_bytes
+    from smft_dist.model.memory_plan import row_grad_sum_bytes, shard_row_sum_read_bytes
     from smft_dist.train.trainer import build_run
 
     overrides = ROW_GRAD_RUN + [f"model.memory_offload={offload}", f"out_dir={tmp_path}"]
@@ -196,50 +197,97 @@ def test_row_gradient_parts_equal_what_a_real_step_keeps(mode, offload, tmp_path
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     trainer.train_step(batches)
     plan = memory_plan(cfg, 1, 1)
-    row_bytes = cfg.model.memory_value_dim * 4
+    D = cfg.model.memory_value_dim
+    row_bytes = D * 4
     if mode == "sparse_finetune":
         assert kept == [64 * row_bytes] * 2 + [50 * row_bytes]
     else:
         assert kept == [64 * row_bytes] * 3
-    # the sum's extra bytes: a step of several entries (checked against the profiler below) ...
-    sums = plan["host_parts" if offload == "host" else "parts"]["memory_row_grad_sum"]
-    assert sums == row_grad_sum_bytes(sum(kept) // row_bytes, cfg.model.memory_value_dim) > 0
-    # ... and none where the step's one entry of unique rows is its own sum (no allocation at all)
-    one_step = load_config(ROOT / "configs/model/tiny.yaml", overrides + ["optim.grad_accum=1"])
-    assert memory_plan(one_step, 1, 1)["host_parts" if offload == "host" else "parts"]["memory_row_grad_sum"] == 0
-    acc = RowSparse()
-    acc.add(torch.arange(3), torch.ones(3, 2), sorted_unique=True)
-    entry = acc._vals[0]
-    assert acc.coalesce((2,))[1] is entry
+    step_rows = sum(kept) // row_bytes
     if offload == "none":
         assert plan["parts"]["memory_row_grads"] == sum(kept) and "memory_row_grads" not in plan["host_parts"]
+        # the sum's extra bytes: a step of several entries (checked against the profiler below) ...
+        assert plan["parts"]["memory_row_grad_sum"] == row_grad_sum_bytes(step_rows, D, 64, unique=True) > 0
+        # ... and none where the step's one entry of unique rows is its own sum (no allocation at all)
+        one_step = load_config(ROOT / "configs/model/tiny.yaml", overrides + ["optim.grad_accum=1"])
+        assert memory_plan(one_step, 1, 1)["parts"]["memory_row_grad_sum"] == 0
+        acc = RowSparse()
+        acc.add(torch.arange(3), torch.ones(3, 2), sorted_unique=True)
+        entry = acc._vals[0]
+        assert acc.coalesce((2,))[1] is entry
     else:
         assert plan["parts"]["memory_row_grads"] == max(kept)
-        assert plan["host_parts"]["memory_row_grads"] == sum(kept)
+        shard_sum = trainer.tables[0]._grad.sum_RD  # allocated by the step, the shard's rows
+        assert plan["host_parts"]["memory_row_grads"] == shard_sum.numel() * 4 + step_rows * 8
+        assert plan["host_parts"]["memory_row_grad_sum"] == shard_row_sum_read_bytes(64, step_rows, 64, D, True)
 
 
+@pytest.mark.parametrize("unique", [True, False], ids=["unique-entries", "repeating-entries"])
 @pytest.mark.parametrize("chunk_elements", [None, 64 * 256], ids=["one-chunk", "64-row-chunks"])
-def test_row_gradient_sum_allocates_what_the_plan_counts(chunk_elements):
+def test_row_gradient_sum_allocates_what_the_plan_counts(chunk_elements, unique):
     """`memory_row_grad_sum` against the profiler's peak of the sum itself (sum_entries_by_id, which
-    `sparse_grad` runs): 4 entries of 3,000 rows x 256 fp32 over 5,000 ids, freed as they are
-    copied. One chunk (the default's 262,144 rows at D 256): the peak is the chunk's two
-    temporaries (2N rows) once the entries are gone; 64-row chunks: the N-row buffer while the
-    entries still live. The rest is int64 bookkeeping, which the plan bounds by 72 bytes a row
-    against 40-60 alive at the peak (which of them depends on the phase), next to at least 1 KiB
-    of values a row: 0.97 <= (1024 + 40) / (1024 + 72) <= measured / planned <= 1. The entries are made inside the profiled call (the profiler misses frees of
-    blocks allocated before it starts) and taken off the peak. The bits equal the one-chunk sum's."""
+    `sparse_grad` runs): 4 entries of 3,000 rows x 256 fp32, each freed once added.
+
+    Entries of unique rows (the pooled exchange's), 12,000 distinct ids: the plan's bound is
+    reached, U = N. The peak is at the first entry's adds: the output (U sums and their ids), the
+    ids' inverse, and one chunk's two temporaries (a whole entry in one chunk, the default's 262,144 rows at
+    D 256; 64 rows in small chunks). The profiler also sees torch.unique's own int64 buffers,
+    freed before the adds, and counts nothing the plan does not: 0.97 <= measured / planned <= 1
+    (the plan's terms are exact but for a few int64 a row, 8 bytes against >= 1 KiB of values).
+
+    Repeating rows (the unique-row exchange's), 5,000 ids drawn at random: the plan bounds U by N
+    (here U is about 4,500) and the pass bookkeeping by 9 int64 a row; measured <= planned.
+
+    The entries are made inside the profiled call (the profiler misses frees of blocks allocated
+    before it starts) and taken off the peak. The bits equal sum_by_id's of the concatenation."""
     from smft_dist.memory.values import SUM_CHUNK_ELEMENTS, sum_by_id, sum_entries_by_id
     from smft_dist.model.memory_plan import row_grad_sum_bytes
     from tests.test_plan_vs_profiler import step_peak_bytes
 
     D, K, n = 256, 4, 3000
     gen = torch.Generator().manual_seed(0)
-    ids_N = torch.randint(0, 5000, (K * n,), generator=gen)
+    if unique:
+        ids = [torch.arange(k * n, (k + 1) * n) for k in range(K)]
+    else:
+        ids = [torch.randint(0, 5000, (n,), generator=gen) for _ in range(K)]
     vals = [torch.randn(n, D, generator=gen) for _ in range(K)]
-    want = sum_by_id(ids_N, torch.cat(vals))
+    want = sum_by_id(torch.cat(ids), torch.cat(vals))
     chunk = chunk_elements or SUM_CHUNK_ELEMENTS
     got = []
-    peak = step_peak_bytes(lambda: got.append(sum_entries_by_id(ids_N, [v.clone() for v in vals], chunk)))
+
+    def summed():
+        got.append(sum_entries_by_id([i.clone() for i in ids], [v.clone() for v in vals], [unique] * K, chunk))
+
+    peak = step_peak_bytes(summed)
     assert torch.equal(got[0][0], want[0]) and torch.equal(got[0][1], want[1])
-    planned = row_grad_sum_bytes(K * n, D, chunk)
-    assert 0.97 <= (peak - K * n * D * 4) / planned <= 1, (peak, planned)
+    planned = row_grad_sum_bytes(K * n, D, n, unique, chunk)
+    measured = peak - K * n * (D * 4 + 8)
+    if unique:
+        assert 0.97 <= measured / planned <= 1, (measured, planned)
+    else:
+        assert measured <= planned, (measured, planned)
+
+
+def test_offloaded_host_sum_read_allocates_what_the_plan_counts():
+    """`memory_row_grad_sum` of an offloaded table (`shard_row_sum_read_bytes`) against the
+    profiler's peak of `ShardRowSum.coalesce`, what the optimizer step reads: 4 entries of 3,000
+    distinct rows of a 20,000-row shard, U = N = 12,000 (the bound). The copy of the touched rows'
+    sums is exact (U x D x 4); the unique of the kept ids is planned at 5 int64 a row against the
+    2-4 torch's sort keeps alive, next to 1 KiB of values a row: 0.96 <= (1024 + 8) / (1024 + 40)
+    <= measured / planned <= 1. Its buffer and ids (`memory_row_grads`) exist before the call."""
+    from smft_dist.memory.values import ShardRowSum
+    from smft_dist.model.memory_plan import shard_row_sum_read_bytes
+    from tests.test_plan_vs_profiler import step_peak_bytes
+
+    D, K, n, R = 256, 4, 3000, 20000
+    gen = torch.Generator().manual_seed(0)
+    acc = ShardRowSum(R, D)
+    for k in range(K):
+        acc.add(torch.arange(k * n, (k + 1) * n), torch.randn(n, D, generator=gen), sorted_unique=True)
+    got = []
+    peak = step_peak_bytes(lambda: got.append(acc.coalesce()))
+    assert got[0][0].tolist() == list(range(K * n)) and torch.equal(got[0][1], acc.sum_RD[:K * n])
+    planned = shard_row_sum_read_bytes(R, K * n, n, D, True)
+    assert 0.96 <= peak / planned <= 1, (peak, planned)
+    acc.clear()
+    assert not acc and not acc.sum_RD.any()  # zeroed where it was added, ready for the next step

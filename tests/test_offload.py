@@ -146,9 +146,10 @@ def test_rows_and_bytes_moved_are_counted_exactly():
 def test_row_gradients_move_to_the_host_lookup_by_lookup():
     """Three lookups in one step (micro-batches of grad_accum, or memory layers) over overlapping
     rows: an offloaded table moves each lookup's row gradients to the host in that lookup's
-    backward, so the device never holds more than one lookup's; sparse_grad sums the three entries
-    on the host, moves nothing more, and gives bitwise the resident table's sum (the same entries
-    in the same order: rows 3 and 5 get three gradients each, summed by the same pairwise tree)."""
+    backward, so the device never holds more than one lookup's; the host adds each into the
+    shard's sum as it arrives, sparse_grad reads it there and moves nothing more, and the sum is
+    bitwise the resident table's (rows 3 and 5 get three gradients each, added one after another
+    in arrival order by both)."""
     D = 5
     lookups = [torch.tensor([[3, 5], [5, 0]]), torch.tensor([[5, 3]]), torch.tensor([[3, 8], [5, 3]])]
     out = {}
@@ -242,25 +243,30 @@ def test_unknown_offload_value_is_one_config_error():
 
 
 def test_plan_moves_the_shard_and_its_row_state_to_the_host():
-    """--plan with model.memory_offload=host: the shard, its optimizer row state and the step's
-    row gradients and their sum leave the per-GPU parts for the host column, which counts one
-    process per GPU of a node (at most the world); the device keeps the rows one lookup copies in
-    and one lookup's row gradients (here the step's: one micro-batch, one memory layer)."""
-    from smft_dist.model.memory_plan import memory_plan
+    """--plan with model.memory_offload=host: the shard and its optimizer row state leave the
+    per-GPU parts for the host column, which counts one process per GPU of a node (at most the
+    world), with the shard's host sum of the row gradients (its R x D fp32 buffer and the ids kept)
+    and what reading it at the step allocates; the device keeps the rows one lookup copies in and
+    one lookup's row gradients (here the step's: one micro-batch, one memory layer)."""
+    from smft_dist.model.memory_plan import memory_plan, shard_row_sum_read_bytes
 
-    plans = {o: memory_plan(load_config(ROOT / "configs/tiny/pretrain.yaml", [f"model.memory_offload={o}"]), 4, 4, 2)
-             for o in ("none", "host")}
+    cfg = {o: load_config(ROOT / "configs/tiny/pretrain.yaml", [f"model.memory_offload={o}"]) for o in ("none", "host")}
+    plans = {o: memory_plan(c, 4, 4, 2) for o, c in cfg.items()}
     resident, host = plans["none"], plans["host"]
     assert resident["host_parts"] == {} and resident["host_bytes_per_node"] == 0
-    moved = ("memory_values", "memory_optimizer", "memory_optimizer_growth", "memory_row_grad_sum")
+    moved = ("memory_values", "memory_optimizer", "memory_optimizer_growth")
     assert {k: host["host_parts"][k] for k in moved} == {k: resident["parts"][k] for k in moved}
     assert resident["parts"]["memory_values"] > 0 and resident["parts"]["memory_optimizer"] > 0
-    assert host["host_parts"]["memory_row_grads"] == host["parts"]["memory_row_grads"] > 0
-    assert resident["parts"]["memory_row_grads"] == host["parts"]["memory_row_grads"]
-    assert all(k not in host["parts"] for k in moved)
+    D, rows = cfg["host"].model.memory_value_dim, resident["settings"]["memory_rows_per_rank"]
+    step_rows = resident["parts"]["memory_row_grads"] // (D * 4)  # one lookup, one layer: the step's
+    assert host["host_parts"]["memory_row_grads"] == rows * D * 4 + step_rows * 8
+    assert host["host_parts"]["memory_row_grad_sum"] == shard_row_sum_read_bytes(rows, step_rows, step_rows, D, True)
+    assert resident["parts"]["memory_row_grads"] == host["parts"]["memory_row_grads"] > 0
+    assert resident["parts"]["memory_row_grad_sum"] == 0  # one entry of unique rows: its own sum
+    assert all(k not in host["parts"] for k in moved + ("memory_row_grad_sum",))
     assert resident["total_bytes"] - host["total_bytes"] == (sum(resident["parts"][k] for k in moved)
                                                              - host["parts"]["offload_rows"])
-    assert host["host_bytes_per_node"] == 2 * sum(host["host_parts"].values())  # 2 GPUs per node of 4
+    assert host["host_bytes_per_node"] == 2 * sum(host["host_parts"].values())
 
 
 def test_inspect_plan_prints_the_host_column(capsys):

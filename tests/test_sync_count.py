@@ -15,9 +15,9 @@ Where the syncs of a step are (docs/performance.md "Host syncs per step" has the
   one device-to-host copy of the split sizes, which also carries the id check, and the owners'
   `unique_consecutive` of the rows they received: the access counts and the rows' runs);
 - its backward, in finetuning: 1 (the rows the selection allows, a `nonzero`: values.py
-  `_backward_rows` on 1 process, sharded.py `_owner_row_grads` on 2 ranks);
+  `_backward_rows` on 1 process, sharded.py `_keep_owner_row_grads` on 2 ranks);
 - the step's row gradients and access counts: 0 (one micro-batch gives each table one sorted
-  entry of unique rows, already coalesced; more entries take 1 each: `sum_by_id`).
+  entry of unique rows, already coalesced; more entries take 1: `sum_entries_by_id`).
 """
 import pytest
 import torch

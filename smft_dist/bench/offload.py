@@ -73,6 +73,7 @@ def _pretrain_step(v: _PretrainVariant, x, record: bool) -> None:
     t0 = time.perf_counter()
     for t in v.tables:
         t.zero_step()
+        t.set_grad_scale(1.0 / world)  # the rows' sum over ranks -> the mean, as Trainer.train_step scales them
     loss = v.model(input_ids=x, labels=x).loss
     dist.barrier()  # the slower rank's forward is not billed to the backward's first collective
     t1 = time.perf_counter()
@@ -81,8 +82,6 @@ def _pretrain_step(v: _PretrainVariant, x, record: bool) -> None:
     for p in v.model.parameters():  # the mean over ranks, as DDP / DeepSpeed reduce dense gradients
         dist.all_reduce(p.grad)
         p.grad.div_(world)
-    for t in v.tables:  # the rows' sum over ranks -> the mean, as Trainer.train_step scales them
-        t.scale_grad_(1.0 / world)
     t3 = time.perf_counter()
     updated = v.opt.step()
     v.dense_opt.step()

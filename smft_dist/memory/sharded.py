@@ -517,7 +517,7 @@ class ShardedValueTable(ValueTable):
                 self.moved_bytes["h2d"] += ids.numel() * (ids.element_size() + self.dim * vals.element_size())
             ids, vals = self._all_gather_padded(ids.to(dev), vals.to(dev))
             if name == "grad":
-                self._keep_grad(ids, vals)
+                self._keep_grad(ids, vals, scaled=True)  # each replica's sum was scaled as its entries arrived
             else:
                 acc.add(ids, vals)
             self._synced[name] = len(acc)

@@ -23,14 +23,16 @@ shard `weight` lives in host memory (pinned where CUDA exists) and the lookups c
 `compute_device`. Every read of rows goes through `unique_rows`: one gather of the unique rows on
 the host and one copy to the device. Every row gradient the owner keeps (`_keep_grad`: one lookup's,
 after the exchange) moves to the host at once (O(rows touched)), so the device holds one lookup's
-row gradients at a time, not the step's (optim.grad_accum micro-batches x memory layers); the
-step's entries accumulate on the host, where `sparse_grad` sums them and the memory optimizer,
-which follows `weight.device`, updates the shard and keeps its row state. `moved_rows` /
+row gradients at a time, not the step's (optim.grad_accum micro-batches x memory layers); each
+is added at once into the shard's host sum (`ShardRowSum`, the shard's rows in fp32, in the order
+a resident table's `sparse_grad` adds its entries: the same bits), which the memory optimizer,
+following `weight.device`, reads to update the shard and its row state there. `moved_rows` /
 `moved_bytes` count what crossed, per direction. A resident table reads through the same method,
 without the copy, and keeps its row gradients on the device.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from contextlib import contextmanager
 from typing import Iterable, Optional
@@ -45,9 +47,7 @@ OFFLOADS = ("none", "host")  # model.memory_offload
 
 
 class RowSparse:
-    """Accumulates (local row id, value) pairs; `coalesce()` sums duplicates. O(rows touched).
-
-    Owns the tensors added: `scale_` changes them in place."""
+    """Accumulates (local row id, value) pairs; `coalesce()` sums duplicates. O(rows touched)."""
 
     def __init__(self):
         self._ids: list[torch.Tensor] = []
@@ -61,11 +61,6 @@ class RowSparse:
             self._ids.append(ids)
             self._vals.append(vals)
             self._unique.append(sorted_unique)
-
-    def scale_(self, factor: float) -> None:
-        if factor != 1:  # x * 1 == x bit for bit: no pass over the rows
-            for v in self._vals:
-                v.mul_(factor)
 
     def clear(self) -> None:
         self._ids.clear()
@@ -94,75 +89,135 @@ class RowSparse:
             return (torch.empty(0, dtype=torch.long, device=device), torch.zeros((0, *trailing), dtype=dtype, device=device))
         if len(self._ids) == 1 and self._unique[0]:
             return self._ids[0], self._vals[0]
-        ids_N, entries = torch.cat(self._ids), self._vals
+        ids, vals, unique = self._ids, self._vals, self._unique
         self._ids, self._vals, self._unique = [], [], []
-        uniq, out = sum_entries_by_id(ids_N, entries)  # frees each entry once it has copied it
+        uniq, out = sum_entries_by_id(ids, vals, unique)  # frees each entry once it has added it
         self._ids, self._vals, self._unique = [uniq], [out], [True]
         return uniq, out
 
 
-SUM_CHUNK_ELEMENTS = 1 << 26  # values the pairwise sum adds at a time (256 MB of fp32): bounds its temporaries
+SUM_CHUNK_ELEMENTS = 1 << 26  # values one gather-add-write of `add_rows_in_order` moves at a time (256 MB of fp32)
 
 
-def sum_by_id(ids_N: torch.Tensor, vals_N: torch.Tensor,
-              chunk_elements: int = SUM_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (sorted unique ids_U, vals_U...: the sum of the rows of vals_N that have that id).
+def add_rows_in_order(out_R: torch.Tensor, idx_N: torch.Tensor, vals_N: torch.Tensor, unique: bool,
+                      chunk_elements: int = SUM_CHUNK_ELEMENTS) -> None:
+    """out_R[idx_N[i]] += vals_N[i] for i = 0, 1, ..., N - 1: each row of out_R gets its additions
+    one after another, in that order, by elementwise adds at fixed positions (a gather, an add, a
+    write-back of rows that do not repeat), so the bits are the same on every run and device. An
+    accumulating scatter (`index_add_`, `scatter_add_`, `index_put_` with accumulate) would leave
+    the order of each float sum to the CUDA scheduler's atomics, so replicas summing the same rows
+    could differ in the last bit and then diverge (distributed/replicas.py fails such a run).
 
-    Bitwise the same on every run and device for the same ordered input: the rows of one id are
-    summed pairwise in the order they were added, ((v0 + v1) + (v2 + v3)) + ..., by elementwise
-    adds at fixed positions. An accumulating scatter (`index_add_`, `scatter_add_`, `index_put_`
-    with accumulate) leaves the order of each float sum to the CUDA scheduler's atomics, so
-    replicas summing the same gathered rows could differ in the last bit and then diverge
-    (distributed/replicas.py fails such a run). O(N log m) for at most m rows per id.
-    vals_N is not changed (`sum_entries_by_id` on a copy). One host sync."""
-    return sum_entries_by_id(ids_N, [vals_N], chunk_elements)
-
-
-def sum_entries_by_id(ids_N: torch.Tensor, entries: list[torch.Tensor],
-                      chunk_elements: int = SUM_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sum_by_id` of ids_N and the rows of `entries` concatenated, in place in one buffer of N
-    rows: each entry is copied to its rows' positions in id order and popped from the list (freed
-    unless the caller holds it), the pairwise tree runs in place, and the sums are compacted to the
-    buffer's first U rows, returned as a view. Memory beyond the entries: the largest entry
-    (while it is copied), and per chunk of ids whose rows hold about `chunk_elements` values (one
-    id's rows never split) two temporaries of its size; the int64 bookkeeping is O(N) ints. An id's
-    adds are the same whatever the chunks: the bits do not depend on `chunk_elements`.
-
-    One host sync: U, m (the most rows of one id) and the chunks' bounds are read together."""
-    N = ids_N.numel()
+    `unique`: the caller knows idx_N has no repeats. Otherwise each row's k-th addition goes in the
+    k-th pass (one host read: how many rows each pass has). Temporaries: three of a chunk of about
+    `chunk_elements` values; the repeats' int64 bookkeeping is O(N) ints."""
+    N = idx_N.numel()
     if not N:
-        return ids_N, torch.cat(entries)
-    ids_sorted_N, perm_N = torch.sort(ids_N, stable=True)  # one id's rows contiguous, in arrival order
-    head_N = torch.ones_like(ids_sorted_N, dtype=torch.bool)
-    head_N[1:] = ids_sorted_N[1:] != ids_sorted_N[:-1]  # the first row of its id
-    run_N = head_N.cumsum(0) - 1  # which id (0..U-1) a row has (integer cumsum: exact in any order)
-    starts_N = torch.searchsorted(run_N, run_N)  # where the row's id starts
-    pos_N = torch.arange(N, device=ids_N.device) - starts_N  # position of the row within its id's rows
-    # chunk bounds: the start (row, id) of the id holding every chunk_rows-th row
-    chunk_rows = max(1, chunk_elements // max(1, entries[0][0].numel()))
-    cut_C = torch.arange(1, -(-N // chunk_rows), device=ids_N.device) * chunk_rows
-    U, m, *cuts = torch.cat([torch.stack([run_N[-1] + 1, pos_N.max() + 1]), starts_N[cut_C], run_N[cut_C]]).tolist()
-    C = len(cuts) // 2
-    bounds = sorted(set(zip([0, *cuts[:C], N], [0, *cuts[C:], U])))  # (row, id) pairs, ascending
-    sorted_at_N = torch.empty_like(perm_N).index_copy_(0, perm_N, torch.arange(N, device=ids_N.device))
-    vals = entries[0].new_empty((N, *entries[0].shape[1:]))
-    row = 0
-    while entries:
-        entry = entries.pop(0)
-        vals.index_copy_(0, sorted_at_N[row:row + entry.shape[0]], entry)
-        row += entry.shape[0]
-        del entry
-    heads_U = torch.searchsorted(run_N, torch.arange(U, device=ids_N.device))
-    for (a, ua), (b, ub) in zip(bounds, bounds[1:]):
-        chunk, run, pos = vals[a:b], run_N[a:b], pos_N[a:b]
-        h = 1
-        while h < m:  # row p (p % 2h == 0) absorbs row p + h of its id: the pairwise tree, level by level
-            absorbs = (pos[:-h] % (2 * h) == 0) & (run[h:] == run[:-h])
-            chunk[:-h] = torch.where(absorbs.view(-1, *[1] * (chunk.dim() - 1)), chunk[:-h] + chunk[h:], chunk[:-h])
-            h *= 2
-        # ua <= a (an id has a row) and ub <= b: the sums land on rows already summed, never on a later chunk's
-        vals[ua:ub] = chunk.index_select(0, heads_U[ua:ub] - a)
-    return ids_sorted_N.index_select(0, heads_U), vals[:U]
+        return
+    rows = max(1, chunk_elements // max(1, math.prod(vals_N.shape[1:])))
+    if unique:
+        passes, order = [N], None
+    else:
+        ids_sorted, perm = torch.sort(idx_N, stable=True)  # one id's rows contiguous, in arrival order
+        head = torch.ones_like(ids_sorted, dtype=torch.bool)
+        head[1:] = ids_sorted[1:] != ids_sorted[:-1]
+        run = head.cumsum(0) - 1  # integer cumsum: exact in any order
+        k_sorted = torch.arange(N, device=idx_N.device) - torch.searchsorted(run, run)  # the k of each row's addition
+        k_N = torch.empty_like(k_sorted).index_copy_(0, perm, k_sorted)
+        k_by_pass, order = torch.sort(k_N, stable=True)  # pass by pass, arrival order within a pass
+        passes = torch.unique_consecutive(k_by_pass, return_counts=True)[1].tolist()
+    start = 0
+    for n in passes:
+        for c in range(start, start + n, rows):
+            sel = slice(c, min(c + rows, start + n))
+            if order is None:
+                at, add = idx_N[sel], vals_N[sel]
+            else:
+                at, add = idx_N.index_select(0, order[sel]), vals_N.index_select(0, order[sel])
+            out_R.index_copy_(0, at, out_R.index_select(0, at) + add)
+        start += n
+
+
+def sum_by_id(ids_N: torch.Tensor, vals_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sorted unique ids_U, vals_U...: the sum of the rows of vals_N that have that id, added
+    one after another in their order in vals_N: ((v0 + v1) + v2) + ...). vals_N is not changed."""
+    return sum_entries_by_id([ids_N], [vals_N], [False])
+
+
+def sum_entries_by_id(ids: list[torch.Tensor], vals: list[torch.Tensor], unique: list[bool],
+                      chunk_elements: int = SUM_CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sum_by_id` of the entries (ids[j], vals[j]) concatenated in order, `unique[j]`: entry j's
+    ids do not repeat. Each id's rows are added in arrival order into a U-row output (starting from
+    zeros: 0 + v0 is v0), entry by entry, and each entry is popped from the lists once added (freed
+    unless the caller holds it). Memory beyond the entries: the output, the ids' inverse (N int64)
+    and `add_rows_in_order`'s chunk temporaries. One host read (U, by torch.unique), and one per
+    entry with repeated ids."""
+    uniq_U, inv_N = torch.unique(torch.cat(ids), return_inverse=True)
+    out = vals[0].new_zeros((uniq_U.numel(), *vals[0].shape[1:]))
+    start = 0
+    while vals:
+        n = ids.pop(0).numel()
+        add_rows_in_order(out, inv_N[start:start + n], vals.pop(0), unique.pop(0), chunk_elements)
+        start += n
+    return uniq_U, out
+
+
+class ShardRowSum:
+    """The step's row gradients of an offloaded shard (`ValueTable.offload_to_host`), summed on
+    the host as they arrive: a dense R x D fp32 buffer, allocated at the first gradient and kept,
+    that each kept entry is added into (`add_rows_in_order`), and the ids that were added. Its
+    host memory is the shard's rows, whatever the skew and the number of lookups a step; keeping the
+    entries until the step (`RowSparse`) would take every lookup's rows. Each row's sum is its
+    entries added one after another in arrival order, as `RowSparse.coalesce` adds them: the same
+    bits as a resident table. Per step O(rows touched): `clear` zeroes only the rows added."""
+
+    def __init__(self, rows: int, dim: int):
+        self.rows, self.dim = rows, dim
+        self.sum_RD: Optional[torch.Tensor] = None
+        self._ids: list[torch.Tensor] = []
+
+    def add(self, ids: torch.Tensor, vals: torch.Tensor, sorted_unique: bool = False) -> None:
+        if not ids.numel():
+            return
+        if self.sum_RD is None:
+            self.sum_RD = torch.zeros(self.rows, self.dim, dtype=torch.float32, device=vals.device)
+        add_rows_in_order(self.sum_RD, ids, vals, unique=sorted_unique)
+        self._ids.append(ids)
+
+    def _touched(self) -> torch.Tensor:
+        return torch.unique(torch.cat(self._ids))
+
+    def coalesce(self, trailing: tuple = (), dtype=torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (sorted unique ids_U, their sums: a copy, U x D)."""
+        if not self._ids:
+            return torch.empty(0, dtype=torch.long, device=device), torch.zeros(0, self.dim, dtype=dtype, device=device)
+        ids_U = self._touched()
+        return ids_U, self.sum_RD.index_select(0, ids_U)
+
+    def clear(self) -> None:
+        if self._ids:
+            self.sum_RD.index_fill_(0, self._touched(), 0.0)
+            self._ids.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def split_off(self, start: int) -> RowSparse:
+        """The sums added since entry `start`, as one entry, and forget them: 0 (all of them: the
+        replicas' sync after backward, `ShardedValueTable.sync_replicas`) or every entry (nothing new).
+        A sum cannot be split at an entry in between."""
+        rest = RowSparse()
+        if start == len(self._ids):
+            return rest
+        if start != 0:
+            raise ValueError(f"a summed shard gradient splits at entry 0 or {len(self._ids)}, not {start}")
+        ids_U, sums_UD = self.coalesce()
+        rest.add(ids_U, sums_UD, sorted_unique=True)
+        self.clear()
+        return rest
 
 
 class ValueTable(nn.Module):
@@ -183,7 +238,8 @@ class ValueTable(nn.Module):
         self.trainable = True  # whether lookups hook row gradients (False: frozen memory)
         self.counting = False  # record accesses without grad too (set by `counting_accesses`)
         self._counts = RowSparse()  # this step's access counts of local rows
-        self._grad = RowSparse()  # this step's row-sparse gradient of local rows
+        self._grad: RowSparse | ShardRowSum = RowSparse()  # this step's row-sparse gradient of local rows
+        self.grad_scale = 1.0  # what each kept row gradient is multiplied by as it arrives (set_grad_scale)
         self._grad_allowed: Optional[torch.Tensor] = None  # sorted global ids allowed to get grads
         self.offload = "none"  # "host": `weight` lives in host memory (offload_to_host)
         self._compute_device: Optional[torch.device] = None  # where lookups compute when offloaded
@@ -210,6 +266,7 @@ class ValueTable(nn.Module):
                               pin_memory=torch.cuda.is_available())
         host_RD.copy_(self.weight.detach())
         self.weight.data = host_RD  # the same Parameter: whoever holds it sees the host shard
+        self._grad = ShardRowSum(self.row_end - self.row_start, self.dim)
         self.offload = "host"
 
     def unique_rows(self, local_ids_I: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,7 +325,7 @@ class ValueTable(nn.Module):
     def push_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor, sorted_ids: bool = False) -> None:
         """sorted_ids: ids_U ascend (a subset of torch.unique's), so the gradient needs no merge
         when it is the step's only one (RowSparse.add's sorted_unique). The table may keep grad_UD
-        itself and scale it in place (`scale_grad_`): pass a tensor nothing else reads."""
+        itself and scale it in place (`set_grad_scale`): pass a tensor nothing else reads."""
         raise NotImplementedError
 
     def records_accesses(self) -> bool:
@@ -327,12 +384,16 @@ class ValueTable(nn.Module):
         """-> (local row ids_R', counts_R' int64): this step's accesses of this shard's rows."""
         return self._counts.coalesce(dtype=torch.long, device=self.compute_device)
 
-    def _keep_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor, sorted_unique: bool = False) -> None:
-        """Keep row gradients of this step: local ids_U, grad_UD fp32 (a tensor nothing else reads).
+    def _keep_grad(self, ids_U: torch.Tensor, grad_UD: torch.Tensor, sorted_unique: bool = False,
+                   scaled: bool = False) -> None:
+        """Keep row gradients of this step: local ids_U, grad_UD fp32 (a tensor nothing else reads),
+        multiplied in place by `grad_scale` unless `scaled` (the replicas' sums already are).
         Offloaded: moved to the host now (ids and rows, counted "d2h"), so the device holds one
-        lookup's row gradients at a time. The host accumulator gets the same entries in the same
-        order as a resident table's, so `sparse_grad` sums the same operands in the same order
-        (`sum_by_id`: elementwise adds at fixed positions, the same bits on any device)."""
+        lookup's row gradients at a time, and added into the shard's host sum (`ShardRowSum`) in
+        the order they arrive, the order in which a resident table's `sparse_grad` adds its entries
+        (`add_rows_in_order`: elementwise adds at fixed positions, the same bits on any device)."""
+        if not scaled and self.grad_scale != 1:  # x * 1 == x bit for bit: no pass over the rows
+            grad_UD.mul_(self.grad_scale)
         if self.offload == "host" and ids_U.numel():
             self.moved_rows["d2h"] += ids_U.numel()
             self.moved_bytes["d2h"] += ids_U.numel() * (ids_U.element_size() + self.dim * grad_UD.element_size())
@@ -344,10 +405,12 @@ class ValueTable(nn.Module):
         of this shard, its entries summed where they are (offloaded: on the host, nothing moves)."""
         return self._grad.coalesce((self.dim,), device=self.weight.device)
 
-    def scale_grad_(self, factor: float) -> None:
-        """Scale this step's row gradients: the trainer turns the sum over data-parallel ranks
-        into the mean (what DDP/DeepSpeed do for the dense weights) with factor 1/world."""
-        self._grad.scale_(factor)
+    def set_grad_scale(self, factor: float) -> None:
+        """Multiply this step's row gradients by `factor` as they arrive (call before the backward;
+        `zero_step` resets it to 1): the trainer turns the sum over data-parallel ranks into the
+        mean (what DDP/DeepSpeed do for the dense weights) with 1/world. Each entry is scaled
+        before it is added, as an offloaded table's host sum needs."""
+        self.grad_scale = float(factor)
 
     def sync_replicas(self) -> None:
         """Combine this step's gradients and counts with the replicas of these rows (after
@@ -358,6 +421,7 @@ class ValueTable(nn.Module):
         self._counts.clear()
         self._grad.clear()
         self._grad_allowed = None
+        self.grad_scale = 1.0
 
 
 class LocalValueTable(ValueTable):

@@ -134,8 +134,8 @@ def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> 
     """-> {"settings": ..., "parts": {name: bytes per GPU}, "total_bytes": int, "total_gb": float,
     "host_parts": {name: bytes of host memory per GPU's process}, "host_bytes_per_node": int,
     "host_gb_per_node": float}. model.memory_offload=host moves the memory shard and its optimizer
-    row state from `parts` to `host_parts` (x gpus_per_node ranks per node, at most world), keeps the
-    step's row gradients there too (the device holds one lookup's: `memory_row_grad_bytes`) and adds
+    row state from `parts` to `host_parts` (x gpus_per_node ranks per node, at most world), sums the
+    step's row gradients there (the device holds one lookup's, or one slice: `memory_row_grads`) and adds
     the device's copy of the rows one lookup reads (`offload_rows`, docs/offload.md)."""
     model = build_meta_model(cfg)
     mcfg = model.config
@@ -191,18 +191,27 @@ def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> 
     lora = cfg.mode == "finetune" and cfg.method == "lora"
     memory_trains = training and not lora
     pooled = pooled_lookup(cfg, world, mp, trainable)
-    # resident: the step's row gradients stay on the device until the memory optimizer sums them;
-    # offloaded: each lookup's move to the host as they arrive (ValueTable._keep_grad), a slice of
-    # the owner's rows at a time under the pooled exchange, and the sum runs there
-    slice_rows = owner_slice_rows(D) if offload and pooled else None
-    lookup_grads, step_grads, grad_sum = (memory_row_grad_bytes(cfg, mcfg, rows, world, mp, T, pooled, slice_rows)
-                                          if memory_trains else (0, 0, 0))
-    parts["memory_row_grads"] = lookup_grads if offload else step_grads
-    (host_parts if offload else parts)["memory_row_grad_sum"] = grad_sum
+    # resident: the step's row gradients stay on the device until the memory optimizer sums them
+    # (`RowSparse`); offloaded: each lookup's move to the host as they arrive (ValueTable._keep_grad),
+    # a slice of the owner's rows at a time under the pooled exchange, into the shard's host sum
+    # (`ShardRowSum`), which the optimizer reads
+    if memory_trains:
+        slice_rows = owner_slice_rows(D) if offload and pooled else None
+        grads = memory_row_grads(cfg, mcfg, rows, world, mp, T, pooled, slice_rows)
+        if offload:
+            parts["memory_row_grads"] = grads.lookup * D * 4
+            host_parts["memory_row_grads"] = layers * (rows * D * 4 + grads.step * 8)
+            host_parts["memory_row_grad_sum"] = shard_row_sum_read_bytes(rows, grads.step, grads.lookup, D, grads.unique)
+        else:
+            parts["memory_row_grads"] = layers * grads.step * D * 4
+            parts["memory_row_grad_sum"] = (0 if grads.one_unique_entry else
+                                            row_grad_sum_bytes(grads.step, D, grads.lookup, grads.unique))
+    else:
+        parts["memory_row_grads"] = 0
+        (host_parts if offload else parts)["memory_row_grad_sum"] = 0
     parts["lookup_exchange"] = (lookup_exchange_bytes(mcfg, world, mp, T, e, pooled, value_dtype.itemsize)
                                 if world > 1 else 0)
     if offload:
-        host_parts["memory_row_grads"] = step_grads
         parts["offload_rows"] = offload_row_bytes(mcfg, rows, world, T, value_dtype.itemsize, pooled)
     # bf16 over fp32 weights (the plain engine): a frozen linear keeps a bf16 copy of its weight for
     # the whole run (engines.cast_frozen_linears_bf16); autocast casts each trainable linear's
@@ -300,27 +309,36 @@ def lookup_exchange_bytes(mcfg, world: int, mp: int, T: int, e: int, pooled: boo
     return 2 * fetched_row_bytes(mcfg, T) // len(mcfg.memory_layers)
 
 
-def memory_row_grad_bytes(cfg: RunConfig, mcfg, rows: int, world: int, mp: int, T: int,
-                          pooled: bool, slice_rows: Optional[int] = None) -> tuple[int, int, int]:
-    """-> (one lookup's, the step's, their sum's extra) fp32 row gradients an owner keeps
-    (`ValueTable._keep_grad`), D x 4 bytes a row, from backward until the memory optimizer has
-    stepped, and what `sparse_grad` adds while it sums one table's (`row_grad_sum_bytes`; nothing
-    where a table's step leaves one entry of unique rows). `slice_rows`: an offloaded owner's
+@dataclass(frozen=True)
+class RowGrads:
+    """Rows of fp32 row gradients an owner keeps for one table (`memory_row_grads`)."""
+
+    lookup: int  # one lookup's entry on the device (offloaded, pooled: one slice of it)
+    step: int  # the step's entries, every one of its micro-batches'
+    unique: bool  # an entry's rows do not repeat (the pooled exchange, one process)
+    one_unique_entry: bool  # the step leaves one entry of unique rows: its own sum
+
+
+def memory_row_grads(cfg: RunConfig, mcfg, rows: int, world: int, mp: int, T: int,
+                     pooled: bool, slice_rows: Optional[int] = None) -> RowGrads:
+    """The fp32 row gradients an owner keeps for one table (`ValueTable._keep_grad`), D x 4 bytes
+    a row, from backward until the memory optimizer has stepped. `slice_rows`: an offloaded owner's
     pooled backward keeps them that many rows at a time (`ShardedValueTable.owner_slice_rows`):
     one lookup's on the device is one slice, and a lookup of more rows leaves several entries.
 
     One lookup (one memory layer, one micro-batch) leaves one entry at the owner: the pooled
     exchange's (and one process's) unique rows of the shard, at most the shard and the world's
     T x heads x knn ids; the unique-row exchange's entries of every requester concatenated,
-    which may repeat a row, at most mp shards and the world's ids. The entries are summed only by
-    the optimizer's `sparse_grad`, so the step's are every layer's entry of each of the
-    optim.grad_accum micro-batches. Sparse memory finetuning keeps the top-t selected rows of the
+    which may repeat a row, at most mp shards and the world's ids. A resident table sums the
+    entries only at the optimizer's `sparse_grad`, so the step's are every layer's entry of each of
+    the optim.grad_accum micro-batches. Sparse memory finetuning keeps the top-t selected rows of the
     last micro-batch (selection.max_rows per requester at worst); the earlier micro-batches' travel
     unrestricted (their selection is not known yet: Trainer.train_step)."""
-    D, HK, K = mcfg.memory_value_dim, mcfg.memory_heads * mcfg.memory_knn, cfg.optim.grad_accum
+    HK, K = mcfg.memory_heads * mcfg.memory_knn, cfg.optim.grad_accum
+    unique = pooled or world == 1
 
     def entry_rows(cap: int) -> int:  # cap: the rows of this shard one requester (pooled: the owner) may keep
-        return min(cap if pooled or world == 1 else mp * cap, world * T * HK)
+        return min(cap if unique else mp * cap, world * T * HK)
 
     unrestricted = entry_rows(rows)
     if cfg.mode == "finetune" and cfg.method == "sparse_memory":
@@ -329,24 +347,36 @@ def memory_row_grad_bytes(cfg: RunConfig, mcfg, rows: int, world: int, mp: int, 
     else:
         lookup, step = unrestricted, K * unrestricted
     # one entry of sorted unique rows a table (RowSparse.add's sorted_unique) is its own sum
-    one_unique_entry = (K == 1 and (pooled or world == 1) and cfg.dist.dp_replicate == 1
-                        and (slice_rows is None or lookup <= slice_rows))
-    if slice_rows is not None:
-        lookup = min(lookup, slice_rows)
-    return (lookup * D * 4, len(mcfg.memory_layers) * step * D * 4,
-            0 if one_unique_entry else row_grad_sum_bytes(step, D))
+    one_unique_entry = K == 1 and unique and cfg.dist.dp_replicate == 1 and (slice_rows is None or lookup <= slice_rows)
+    return RowGrads(lookup=min(lookup, slice_rows or lookup), step=step, unique=unique,
+                    one_unique_entry=one_unique_entry)
 
 
-def row_grad_sum_bytes(N: int, D: int, chunk_elements: int = SUM_CHUNK_ELEMENTS) -> int:
+def _add_temporaries(entry: int, D: int, unique: bool, chunk_elements: int) -> int:
+    """`add_rows_in_order` adding one entry of `entry` rows: per chunk, the gathered rows and their
+    sum (and, where the entry's rows may repeat, the pass's rows gathered too, and 9 int64 of
+    bookkeeping a row: sorted ids, order, runs, run starts, the k of each row, its pass order...)."""
+    chunk = min(entry, max(1, chunk_elements // D))
+    return (2 if unique else 3) * chunk * D * 4 + (0 if unique else entry * 9 * 8)
+
+
+def row_grad_sum_bytes(N: int, D: int, entry: int, unique: bool, chunk_elements: int = SUM_CHUNK_ELEMENTS) -> int:
     """What `RowSparse.coalesce` (values.sum_entries_by_id) allocates beyond one table's N entry
-    rows of D fp32 values while it sums them, at most: the N-row buffer the entries are copied
-    into (while they are still alive; each is freed once copied), or later, the entries gone, the
-    two temporaries of a chunk of rows (SUM_CHUNK_ELEMENTS values, one id's rows never split; a
-    chunk grows past that only by one id's rows, at most grad_accum x mp, which this ignores);
-    plus the int64 bookkeeping alive throughout, at most 9 x 8 bytes a row (the ids, sorted ids,
-    order, id runs, run starts, positions, destinations, head flags, the unique ids)."""
-    chunk = min(N, max(1, chunk_elements // D))
-    return max(N, 2 * chunk) * D * 4 + N * 9 * 8
+    rows of D fp32 values while it sums them (entries of `entry` rows, `unique`: theirs do not
+    repeat), at most: the output, the unique rows' sums and ids (at most N), and the ids' inverse,
+    8 bytes a row, with one entry's `_add_temporaries` (the entries are added one by one, each
+    freed once added)."""
+    return N * (D * 4 + 16) + _add_temporaries(entry, D, unique, chunk_elements)
+
+
+def shard_row_sum_read_bytes(rows: int, N: int, entry: int, D: int, unique: bool,
+                             chunk_elements: int = SUM_CHUNK_ELEMENTS) -> int:
+    """What an offloaded table's host sum (`values.ShardRowSum`, its buffer counted in
+    `memory_row_grads`) allocates beyond its buffer and kept ids, at most: while a lookup's entry
+    is added, `_add_temporaries`; at the optimizer step, the copy of the touched rows' sums
+    (min(shard rows, N) x D x 4) and the unique of the N kept ids (their concatenation, sort
+    and inverse, at most 5 int64 a row)."""
+    return max(_add_temporaries(entry, D, unique, chunk_elements), min(rows, N) * D * 4 + N * 5 * 8)
 
 
 def deepspeed_buffer_bytes(cfg: RunConfig, engine: str, zero: int, trainable: int, world: int, g: int) -> int:

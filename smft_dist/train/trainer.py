@@ -228,6 +228,12 @@ class Trainer:
                 if global_labels == 0:  # empty or all-padding batch: nothing to learn, no selection
                     log.warning("skipping a step whose global batch has no label tokens (empty or all padding)")
                     return {"skipped": 1, "rows_selected": 0}
+                # The rows' gradients are summed over ranks: / world -> the gradient of the global-mean
+                # loss (mean), x the global label tokens -> of the loss summed over them (per_token,
+                # docs/design.md §5.2). Each is scaled as its owner keeps it (ValueTable.set_grad_scale).
+                row_scale = (global_labels if self.cfg.optim.memory_lr_scale == "per_token" else 1) / self.ctx.world_size
+                for t in self.tables:
+                    t.set_grad_scale(row_scale)
             else:
                 _, (nonfinite,) = self._read(nonfinite[:0], torch.cat([nonfinite, self._preempt_flag()]))
             if nonfinite:
@@ -245,12 +251,8 @@ class Trainer:
                 loss_sum = loss_sum + loss.detach().double() * n_label
             self.engine.backward(weighted, sync=last)
         self.nonfinite_in_a_row = 0
-        # The rows' gradients are summed over ranks: / world -> the gradient of the global-mean loss
-        # (mean), x the global label tokens -> of the loss summed over them (per_token, docs/design.md §5.2)
-        row_scale = (global_labels if self.cfg.optim.memory_lr_scale == "per_token" else 1) / self.ctx.world_size
-        for t in self.tables:
-            t.scale_grad_(row_scale)
-            if self.ctx.dp_replicate > 1:
+        if self.ctx.dp_replicate > 1:
+            for t in self.tables:
                 t.sync_replicas()
         self.engine.step()
         with ledger_recording(self.ledger, self.tables, selected):  # the selected rows before/after, per rank

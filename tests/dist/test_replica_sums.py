@@ -17,7 +17,7 @@ def _replica_body(rank, world):
     table = ShardedValueTable.from_context(8, 2, context_from_group(DistConfig(mp=1, dp_replicate=world)))
     ids_U = torch.tensor([1, 5])
     # fp32 sums of these depend on their order: 1e8 + 1 rounds to 1e8 (the fp32 spacing there is 8)
-    big_per_micro = ([1e8, -1e8, 1.0][rank], [1.0, 1e8, -1e8][rank])
+    big_per_micro = ([1e8, 1.0, 1.0][rank], [-1e8, 1.0, 1.0][rank])
     for big in big_per_micro:  # each micro-batch's backward, then the sync (grad_accum 2)
         table.push_grad(ids_U, torch.tensor([[big, 1.0], [1.0, big]]))
         table.sync_replicas()
@@ -32,7 +32,8 @@ def test_replicas_sum_the_same_entries_in_the_same_order():
         assert len(other_entries) == len(entries)
         assert all(torch.equal(a, b) and torch.equal(u, v) for (a, u), (b, v) in zip(entries, other_entries))
         assert torch.equal(other_ids, ids) and torch.equal(other_grad, grad)
-    # the order matters for these rows: in this order 2 (exact), with the last entry first 0
+    # the order matters for these rows: in this order ((((1e8 + 1) + 1) - 1e8) + 1) + 1 = 2 (exact),
+    # with the last entry first 1
     all_ids, all_vals = torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries])
     assert torch.equal(grad, torch.tensor([[2.0, 6.0], [6.0, 2.0]]))
     assert not torch.equal(sum_by_id(all_ids.roll(1), all_vals.roll(1, 0))[1], grad)
