@@ -325,3 +325,14 @@ def test_design_levers_section_shows_the_measurements():
     for recipe in data["seed_checks"].values():
         for line in recipe["lines"]:
             assert f"- {line}" in design, line
+
+
+def test_design_row_optimizer_table_is_the_benchmarks():
+    """docs/design.md §1.3 quotes the table `python -m smft_dist.bench.row_optimizers` prints for
+    benchmarks/results/row_optimizers.json, and every optimizer it names has AdamW's runs of its seeds."""
+    from smft_dist.bench.row_optimizers import BASELINE, markdown
+
+    records = json.loads((ROOT / "benchmarks" / "results" / "row_optimizers.json").read_text())["results"]
+    assert markdown(records) in (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    baseline_seeds = {r["seed"] for r in records if r["optimizer"] == BASELINE}
+    assert baseline_seeds and all(r["seed"] in baseline_seeds for r in records)

@@ -98,9 +98,9 @@ class _PooledRoute:
 
 
 _DOT_CHUNK = 1 << 14  # entries per chunk of the weight-gradient dot products (bounds the transient)
-# An offloaded owner's pooled work runs in slices of this many values' worth of entries (rows x D):
-# 2^29 is 2^19 entries at D = 1024, 1 GiB of bf16 rows on the device; the mean lookup at the
-# paper's shape (2,048 tokens x 128 entries per rank, spread over the shards) is one slice.
+# An owner's pooled work runs in slices of this many values' worth of entries (rows x D): 2^29 is
+# 2^19 entries at D = 1024, 1 GiB of bf16 rows on the device; the mean lookup at the paper's shape
+# (2,048 tokens x 128 entries per rank, spread over the shards) is one slice.
 OWNER_SLICE_ELEMENTS = 1 << 29
 
 

@@ -109,7 +109,7 @@ def add_rows_in_order(out_R: torch.Tensor, idx_N: torch.Tensor, vals_N: torch.Te
     could differ in the last bit and then diverge (distributed/replicas.py fails such a run).
 
     `unique`: the caller knows idx_N has no repeats. Otherwise each row's k-th addition goes in the
-    k-th pass (one host read: how many rows each pass has). Temporaries: three of a chunk of about
+    k-th pass (two host reads: how many passes, and the rows of each). Temporaries: three of a chunk of about
     `chunk_elements` values; the repeats' int64 bookkeeping is O(N) ints."""
     N = idx_N.numel()
     if not N:
@@ -150,7 +150,7 @@ def sum_entries_by_id(ids: list[torch.Tensor], vals: list[torch.Tensor], unique:
     ids do not repeat. Each id's rows are added in arrival order into a U-row output (starting from
     zeros: 0 + v0 is v0), entry by entry, and each entry is popped from the lists once added (freed
     unless the caller holds it). Memory beyond the entries: the output, the ids' inverse (N int64)
-    and `add_rows_in_order`'s chunk temporaries. One host read (U, by torch.unique), and one per
+    and `add_rows_in_order`'s chunk temporaries. One host read (U, by torch.unique), and two per
     entry with repeated ids."""
     uniq_U, inv_N = torch.unique(torch.cat(ids), return_inverse=True)
     out = vals[0].new_zeros((uniq_U.numel(), *vals[0].shape[1:]))

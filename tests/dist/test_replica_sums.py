@@ -37,3 +37,35 @@ def test_replicas_sum_the_same_entries_in_the_same_order():
     all_ids, all_vals = torch.cat([e[0] for e in entries]), torch.cat([e[1] for e in entries])
     assert torch.equal(grad, torch.tensor([[2.0, 6.0], [6.0, 2.0]]))
     assert not torch.equal(sum_by_id(all_ids.roll(1), all_vals.roll(1, 0))[1], grad)
+
+
+def _offloaded_replica_body(rank, world):
+    """A step of 2 micro-batches, then the one `sync_replicas` the trainer makes after backward,
+    on a resident and on an offloaded table: -> (their summed gradients, the offloaded one's host
+    sum buffer)."""
+    out = []
+    for offload in ("none", "host"):
+        table = ShardedValueTable.from_context(8, 2, context_from_group(DistConfig(mp=1, dp_replicate=world)))
+        if offload == "host":
+            table.offload_to_host()
+        table.zero_step()
+        table.set_grad_scale(0.5)
+        big_per_micro = ([1e8, 1.0, 1.0][rank], [-1e8, 1.0, 1.0][rank])
+        for big in big_per_micro:
+            table.push_grad(torch.tensor([1, 5]), torch.tensor([[big, 1.0], [1.0, big]]))
+        table.sync_replicas()
+        out.append(table.sparse_grad())
+    return out
+
+
+def test_an_offloaded_shards_replicas_sum_like_resident_ones():
+    """Offloaded, each replica's step lands in its host sum; the sync sends each replica's sum and
+    adds the gathered ones back in replica order, as a resident table adds the same entries: every
+    replica, offloaded or not, ends with the same bits. On the diagonal rank 0's own sum is
+    0.5e8 - 0.5e8 = 0 and the others' 0.5 + 0.5 = 1: 2 in replica order; off it, 3 x 1."""
+    results = run_ranks(_offloaded_replica_body, REPLICAS)
+    (ids, grad), _ = results[0]
+    assert torch.equal(ids, torch.tensor([1, 5])) and torch.equal(grad, torch.tensor([[2.0, 3.0], [3.0, 2.0]]))
+    for resident, host in results:
+        assert torch.equal(resident[0], ids) and torch.equal(resident[1], grad)
+        assert torch.equal(host[0], ids) and torch.equal(host[1], grad)
