@@ -170,10 +170,10 @@ def test_row_gradient_parts_equal_what_a_real_step_keeps(mode, offload, tmp_path
     """`memory_row_grads` against the fp32 row gradients a real step of 3 micro-batches keeps
     (every entry `ValueTable._keep_grad` adds, recorded as it arrives): resident, all of them stay on
     the device until the optimizer (3 x the shard; the plan before counted one micro-batch's);
-    offloaded, the device holds one lookup's at a time (the largest entry) and the host the shard's
-    sum buffer, which a real step allocates at its first gradient, and the ids kept. Sparse
-    finetuning keeps the first two micro-batches' rows unrestricted and the last one's top-t,
-    selected before its backward."""
+    offloaded, the device holds one lookup's at a time (the largest entry) and the host, in
+    pretraining, the shard's sum buffer, which a real step allocates at its first gradient, and the
+    ids kept, in sparse finetuning the entries themselves. Sparse finetuning keeps the first two
+    micro-batches' rows unrestricted and the last one's top-t, selected before its backward."""
     from smft_dist.distributed import init_distributed
     from smft_dist.memory.values import RowSparse
     from smft_dist.model.memory_plan import row_grad_sum_bytes, shard_row_sum_read_bytes
@@ -215,6 +215,11 @@ def test_row_gradient_parts_equal_what_a_real_step_keeps(mode, offload, tmp_path
         acc.add(torch.arange(3), torch.ones(3, 2), sorted_unique=True)
         entry = acc._vals[0]
         assert acc.coalesce((2,))[1] is entry
+    elif mode == "sparse_finetune":  # the few selected rows: the entries are kept on the host, not a dense sum
+        assert plan["parts"]["memory_row_grads"] == max(kept)
+        assert isinstance(trainer.tables[0]._grad, RowSparse)
+        assert plan["host_parts"]["memory_row_grads"] == sum(kept)
+        assert plan["host_parts"]["memory_row_grad_sum"] == row_grad_sum_bytes(step_rows, D, 64, unique=True)
     else:
         assert plan["parts"]["memory_row_grads"] == max(kept)
         shard_sum = trainer.tables[0]._grad.sum_RD  # allocated by the step, the shard's rows

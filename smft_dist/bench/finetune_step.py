@@ -79,13 +79,15 @@ def _dense_model(args, ctx):
     return SmftForCausalLM(cfg).to(ctx.device)  # a placeholder memory layer: variants replace it
 
 
-def install_memory(model, ctx, args, slots: int, seed: int, offload: str = "none") -> tuple:
+def install_memory(model, ctx, args, slots: int, seed: int, offload: str = "none",
+                   trains_densely: bool = False) -> tuple:
     """Install a memory layer of `slots` slots on `model` -> (layer, this rank's tables).
 
     Built on the meta device, as the trainer's `build_fresh_model` does: each rank allocates only
     its shard (rows drawn from generator `seed`), never the whole N x D table (8.6 GB at 64M slots
     x value_dim 32), then the layer's dense weights (query, keys, W1/W2) are initialised from
-    `seed`. offload="host": the shard moves to host memory (model.memory_offload, docs/offload.md)."""
+    `seed`. offload="host": the shard moves to host memory (model.memory_offload, docs/offload.md),
+    with a dense host sum of the row gradients where the memory `trains_densely` (pretraining)."""
     from smft_dist.distributed import shard_memory
     from smft_dist.memory import ProductKeyMemory
 
@@ -102,7 +104,7 @@ def install_memory(model, ctx, args, slots: int, seed: int, offload: str = "none
         layer.apply(model._init_weights)
     if offload == "host":  # before any optimizer is built: its row state follows the shard
         for t in tables:
-            t.offload_to_host()
+            t.offload_to_host(dense_grad_sum=trains_densely)  # as the trainer does for its mode
     return layer, tables
 
 

@@ -60,7 +60,7 @@ def _pretrain_variant(ctx, args, offload: str) -> _PretrainVariant:
 
     cfg = OptimConfig(memory_row_optimizer=args.memory_optimizer)
     model = _dense_model(args, ctx)  # seeded: every variant starts from the same dense weights
-    _, tables = install_memory(model, ctx, args, args.slots, 0, offload)
+    _, tables = install_memory(model, ctx, args, args.slots, 0, offload, trains_densely=True)
     dense_opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   weight_decay=cfg.weight_decay, foreach=False)  # foreach: temporaries of every weight's size
     return _PretrainVariant(model, tables, build_memory_row_optimizer(tables, cfg), dense_opt)

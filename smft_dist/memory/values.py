@@ -25,8 +25,9 @@ the host and one copy to the device. Every row gradient the owner keeps (`_keep_
 after the exchange) moves to the host at once (O(rows touched)), so the device holds one lookup's
 row gradients at a time, not the step's (optim.grad_accum micro-batches x memory layers); each
 is added at once into the shard's host sum (`ShardRowSum`, the shard's rows in fp32, in the order
-a resident table's `sparse_grad` adds its entries: the same bits), which the memory optimizer,
-following `weight.device`, reads to update the shard and its row state there. `moved_rows` /
+a resident table's `sparse_grad` adds its entries: the same bits; sparse finetuning keeps the
+entries instead), which the memory optimizer, following `weight.device`, reads to update the
+shard and its row state there. `moved_rows` /
 `moved_bytes` count what crossed, per direction. A resident table reads through the same method,
 without the copy, and keeps its row gradients on the device.
 """
@@ -255,10 +256,16 @@ class ValueTable(nn.Module):
         offloaded shard the device it was on before `offload_to_host`."""
         return self._compute_device if self.offload == "host" else self.weight.device
 
-    def offload_to_host(self) -> None:
+    def offload_to_host(self, dense_grad_sum: bool = True) -> None:
         """Keep the shard in host memory (pinned where CUDA exists, so copies to the device run at
         full bandwidth); lookups keep computing on the current device. Call before a memory
-        optimizer is built: its row state follows `weight.device` (optim/row_state.py)."""
+        optimizer is built: its row state follows `weight.device` (optim/row_state.py).
+
+        dense_grad_sum: sum the row gradients on the host as they arrive (`ShardRowSum`, the
+        shard's rows in fp32), for a memory that trains every touched row (pretraining, full
+        finetuning); False keeps each entry on the host until the step (`RowSparse`), for sparse
+        memory finetuning, whose few selected rows would not pay for the shard's rows in fp32.
+        The same bits either way."""
         if self.offload == "host":
             return
         self._compute_device = self.weight.device
@@ -266,7 +273,8 @@ class ValueTable(nn.Module):
                               pin_memory=torch.cuda.is_available())
         host_RD.copy_(self.weight.detach())
         self.weight.data = host_RD  # the same Parameter: whoever holds it sees the host shard
-        self._grad = ShardRowSum(self.row_end - self.row_start, self.dim)
+        if dense_grad_sum:
+            self._grad = ShardRowSum(self.row_end - self.row_start, self.dim)
         self.offload = "host"
 
     def unique_rows(self, local_ids_I: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

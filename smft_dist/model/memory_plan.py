@@ -194,18 +194,22 @@ def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> 
     # resident: the step's row gradients stay on the device until the memory optimizer sums them
     # (`RowSparse`); offloaded: each lookup's move to the host as they arrive (ValueTable._keep_grad),
     # a slice of the owner's rows at a time under the pooled exchange, into the shard's host sum
-    # (`ShardRowSum`), which the optimizer reads
+    # (`ShardRowSum`), which the optimizer reads, or in sparse finetuning kept as entries there
     if memory_trains:
         slice_rows = owner_slice_rows(D) if offload and pooled else None
         grads = memory_row_grads(cfg, mcfg, rows, world, mp, T, pooled, slice_rows)
-        if offload:
+        entries_sum = 0 if grads.one_unique_entry else row_grad_sum_bytes(grads.step, D, grads.lookup, grads.unique)
+        if not offload:
+            parts["memory_row_grads"] = layers * grads.step * D * 4
+            parts["memory_row_grad_sum"] = entries_sum
+        elif cfg.mode == "finetune" and cfg.method == "sparse_memory":  # the entries, kept on the host
+            parts["memory_row_grads"] = grads.lookup * D * 4
+            host_parts["memory_row_grads"] = layers * grads.step * D * 4
+            host_parts["memory_row_grad_sum"] = entries_sum
+        else:  # summed on the host as they arrive (values.ShardRowSum)
             parts["memory_row_grads"] = grads.lookup * D * 4
             host_parts["memory_row_grads"] = layers * (rows * D * 4 + grads.step * 8)
             host_parts["memory_row_grad_sum"] = shard_row_sum_read_bytes(rows, grads.step, grads.lookup, D, grads.unique)
-        else:
-            parts["memory_row_grads"] = layers * grads.step * D * 4
-            parts["memory_row_grad_sum"] = (0 if grads.one_unique_entry else
-                                            row_grad_sum_bytes(grads.step, D, grads.lookup, grads.unique))
     else:
         parts["memory_row_grads"] = 0
         (host_parts if offload else parts)["memory_row_grad_sum"] = 0

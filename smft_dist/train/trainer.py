@@ -378,8 +378,9 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
         ckpt.load_dense(model, init_ckpt)
         ckpt.load_memory(tables, names, init_ckpt)
     if cfg.model.memory_offload == "host":  # before the memory optimizer: its row state follows the shard
+        trains_densely = cfg.mode == "pretrain" or (cfg.mode == "finetune" and cfg.method == "full")
         for t in tables:
-            t.offload_to_host()
+            t.offload_to_host(dense_grad_sum=trains_densely)
     wrapped = None
     if cfg.method == "lora" and cfg.mode == "finetune":
         from peft import LoraConfig, get_peft_model
