@@ -330,6 +330,12 @@ def _get(cfg: RunConfig, dotted: str):
     return obj
 
 
+def memory_trains_densely(cfg: RunConfig) -> bool:
+    """Whether every memory row a batch touches trains (pretraining, full finetuning), as opposed to
+    the selected rows of sparse memory finetuning or none (LoRA, the df pass)."""
+    return cfg.mode == "pretrain" or (cfg.mode == "finetune" and cfg.method == "full")
+
+
 def _validate_top_t(sel: SelectionConfig) -> None:
     """selection.top_t is an int >= 1, or auto with its share in (0, 1] and its cap; the auto keys
     are refused beside an int t (they would do nothing)."""
@@ -412,8 +418,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     if not (cfg.optim.lr > 0 and cfg.optim.memory_lr > 0 and math.isfinite(cfg.optim.lr)):
         raise ConfigError("optim.lr and optim.memory_lr must be finite and > 0")
     o = cfg.optim
-    memory_trains_densely = cfg.mode == "pretrain" or (cfg.mode == "finetune" and cfg.method == "full")
-    if o.memory_row_optimizer != "adamw" and not memory_trains_densely:
+    trains_densely = memory_trains_densely(cfg)
+    if o.memory_row_optimizer != "adamw" and not trains_densely:
         raise ConfigError(f"optim.memory_row_optimizer={o.memory_row_optimizer} applies where the memory values train "
                           f"densely (mode=pretrain, or mode=finetune with method=full), not mode={cfg.mode} "
                           f"method={cfg.method}: remove it (sparse memory finetuning's optimizer is "
@@ -421,7 +427,7 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     if not o.memory_row_momentum and o.memory_row_optimizer != "adam_rowwise":
         raise ConfigError(f"optim.memory_row_momentum=false applies to optim.memory_row_optimizer=adam_rowwise only, "
                           f"not {o.memory_row_optimizer}: remove it, or set optim.memory_row_optimizer=adam_rowwise")
-    if o.memory_stochastic_rounding and not (memory_trains_densely and m.memory_value_dtype == "bfloat16"):
+    if o.memory_stochastic_rounding and not (trains_densely and m.memory_value_dtype == "bfloat16"):
         raise ConfigError(f"optim.memory_stochastic_rounding=true applies where bf16 memory values train densely "
                           f"(model.memory_value_dtype=bfloat16 with mode=pretrain, or mode=finetune method=full), not "
                           f"mode={cfg.mode} method={cfg.method} model.memory_value_dtype={m.memory_value_dtype}: "

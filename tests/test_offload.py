@@ -190,11 +190,14 @@ class SlicedTable(ShardedValueTable):
         super()._keep_grad(ids_U, grad_UD, sorted_unique)
 
 
-def _pooled_step(dtype: torch.dtype, offload: str, slice_rows: Optional[int], allowed: Optional[torch.Tensor]):
-    """3 pooled lookups of 7 tokens x 6 entries into a 50-row table, the last restricted to `allowed`
-    (sparse finetuning's selection): outputs, weight gradients, the summed row gradients and the
-    access counts, and the table."""
-    table = SlicedTable(50, 8, exchange="pooled", dtype=dtype)
+def pooled_step(dtype: torch.dtype, offload: str, slice_rows: Optional[int], allowed: Optional[torch.Tensor] = None,
+                rows: int = 50, dim: int = 8, tokens: int = 7, K: int = 6, lookups: int = 3, seed: int = 0,
+                group=None):
+    """`lookups` pooled lookups of `tokens` x `K` entries into a `rows`-row table sharded over
+    `group` (None: one process), the third restricted to `allowed` (sparse finetuning's
+    selection): -> (outputs, weight gradients, the summed row gradients and the access counts),
+    and the table."""
+    table = SlicedTable(rows, dim, group=group, exchange="pooled", dtype=dtype)
     table.reset_parameters(torch.Generator().manual_seed(0))
     if offload == "host":
         table.offload_to_host()
@@ -202,14 +205,14 @@ def _pooled_step(dtype: torch.dtype, offload: str, slice_rows: Optional[int], al
         table.owner_slice_rows = slice_rows
     table.zero_step()
     got = []
-    for k in range(3):
+    for k in range(lookups):
         if k == 2 and allowed is not None:
             table.restrict_grad_to(allowed)
-        gen = torch.Generator().manual_seed(k)
-        idx_TK = torch.randint(0, 50, (7, 6), generator=gen)
-        w_TK = torch.rand(7, 6, generator=gen, requires_grad=True)
+        gen = torch.Generator().manual_seed(seed + k)
+        idx_TK = torch.randint(0, rows, (tokens, K), generator=gen)
+        w_TK = torch.rand(tokens, K, generator=gen, requires_grad=True)
         y_TD = table.embedding_bag(idx_TK, w_TK)
-        (y_TD * torch.arange(1.0, 9.0)).sum().backward()
+        (y_TD * torch.arange(1.0, dim + 1.0)).sum().backward()
         got += [y_TD.detach(), w_TK.grad]
     return [*got, *table.sparse_grad(), *table.access_counts()], table
 
@@ -227,11 +230,11 @@ def test_an_offloaded_owner_works_in_slices_with_the_bits_of_one_piece(dtype, re
     split it; 1000 does not. A resident owner slices its bags too (the fp32 copies of a bf16
     shard's rows are one slice's), with the same bits."""
     allowed = torch.tensor([3, 7, 11, 20, 44]) if restricted else None
-    resident, _ = _pooled_step(dtype, "none", None, allowed)
-    resident_sliced, _ = _pooled_step(dtype, "none", 3, allowed)
+    resident, _ = pooled_step(dtype, "none", None, allowed)
+    resident_sliced, _ = pooled_step(dtype, "none", 3, allowed)
     assert all(torch.equal(a, b) for a, b in zip(resident_sliced, resident))
     for slice_rows in (1, 3, 10, 1000):
-        got, table = _pooled_step(dtype, "host", slice_rows, allowed)
+        got, table = pooled_step(dtype, "host", slice_rows, allowed)
         assert all(torch.equal(a, b) for a, b in zip(got, resident)), slice_rows
         assert max(table.reads) <= slice_rows + 6 and max(table.kept) <= slice_rows, slice_rows
         assert (len(table.reads) > 6) == (slice_rows < 42), slice_rows  # 2 reads a lookup in one piece

@@ -206,13 +206,13 @@ class _PooledLookup(torch.autograd.Function):
                 # offloaded: the entries' unique rows move again (autograd saves no rows), a slice at a time
                 I = lid_I.numel()
                 gw_I = torch.empty(I, dtype=torch.float32, device=G_BD.device)
-                step = table.owner_slice_rows
-                for s0 in range(0, I, step):
-                    rows_UD, read_S = table.unique_rows(lid_I[s0:s0 + step])
-                    for c in range(s0, min(s0 + step, I), _DOT_CHUNK):
-                        sl = slice(c, min(c + _DOT_CHUNK, s0 + step))
-                        rows = rows_UD.index_select(0, read_S[sl.start - s0:sl.stop - s0]).float()
-                        gw_I[sl] = (G_BD.index_select(0, bag_I[sl]) * rows).sum(1)
+                for s0 in range(0, I, table.owner_slice_rows):
+                    s1 = min(s0 + table.owner_slice_rows, I)
+                    rows_UD, read_S = table.unique_rows(lid_I[s0:s1])
+                    for c0 in range(s0, s1, _DOT_CHUNK):
+                        c1 = min(c0 + _DOT_CHUNK, s1)
+                        rows = rows_UD.index_select(0, read_S[c0 - s0:c1 - s0]).float()
+                        gw_I[c0:c1] = (G_BD.index_select(0, bag_I[c0:c1]) * rows).sum(1)
                 chunks, pos = [], 0
                 for n, want in zip(route.recv, route.need_w):
                     if want:

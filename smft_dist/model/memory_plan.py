@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from smft_dist.config import RunConfig
+from smft_dist.config import RunConfig, memory_trains_densely
 from smft_dist.memory.sharded import owner_slice_rows, pooled_wire_bytes, rows_wire_bytes
 from smft_dist.memory.values import DTYPES, SUM_CHUNK_ELEMENTS
 from smft_dist.model import SmftConfig, SmftForCausalLM
@@ -198,18 +198,16 @@ def memory_plan(cfg: RunConfig, world: int, mp: int, gpus_per_node: int = 8) -> 
     if memory_trains:
         slice_rows = owner_slice_rows(D) if offload and pooled else None
         grads = memory_row_grads(cfg, mcfg, rows, world, mp, T, pooled, slice_rows)
-        entries_sum = 0 if grads.one_unique_entry else row_grad_sum_bytes(grads.step, D, grads.lookup, grads.unique)
-        if not offload:
-            parts["memory_row_grads"] = layers * grads.step * D * 4
-            parts["memory_row_grad_sum"] = entries_sum
-        elif cfg.mode == "finetune" and cfg.method == "sparse_memory":  # the entries, kept on the host
+        # where the step's row gradients are kept, and what summing (or reading) them allocates
+        if offload and memory_trains_densely(cfg):  # summed on the host as they arrive (values.ShardRowSum)
+            kept = layers * (rows * D * 4 + grads.step * 8)
+            summed = shard_row_sum_read_bytes(rows, grads.step, grads.lookup, D, grads.unique)
+        else:  # the entries, summed at the step (values.RowSparse)
+            kept = layers * grads.step * D * 4
+            summed = 0 if grads.one_unique_entry else row_grad_sum_bytes(grads.step, D, grads.lookup, grads.unique)
+        if offload:  # the device holds one lookup's (under the pooled exchange, one slice's)
             parts["memory_row_grads"] = grads.lookup * D * 4
-            host_parts["memory_row_grads"] = layers * grads.step * D * 4
-            host_parts["memory_row_grad_sum"] = entries_sum
-        else:  # summed on the host as they arrive (values.ShardRowSum)
-            parts["memory_row_grads"] = grads.lookup * D * 4
-            host_parts["memory_row_grads"] = layers * (rows * D * 4 + grads.step * 8)
-            host_parts["memory_row_grad_sum"] = shard_row_sum_read_bytes(rows, grads.step, grads.lookup, D, grads.unique)
+        (host_parts if offload else parts).update(memory_row_grads=kept, memory_row_grad_sum=summed)
     else:
         parts["memory_row_grads"] = 0
         (host_parts if offload else parts)["memory_row_grad_sum"] = 0

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from smft_dist.checkpoint import layout as ckpt
 from smft_dist.checkpoint.model import load_hf_model, read_hf_config
-from smft_dist.config import ConfigError, RunConfig, data_source
+from smft_dist.config import ConfigError, RunConfig, data_source, memory_trains_densely
 from smft_dist.distributed import DistContext, shard_memory
 from smft_dist.errors import UserError
 from smft_dist.memory.values import DTYPES, LocalValueTable, moved_totals
@@ -378,9 +378,8 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
         ckpt.load_dense(model, init_ckpt)
         ckpt.load_memory(tables, names, init_ckpt)
     if cfg.model.memory_offload == "host":  # before the memory optimizer: its row state follows the shard
-        trains_densely = cfg.mode == "pretrain" or (cfg.mode == "finetune" and cfg.method == "full")
         for t in tables:
-            t.offload_to_host(dense_grad_sum=trains_densely)
+            t.offload_to_host(dense_grad_sum=memory_trains_densely(cfg))
     wrapped = None
     if cfg.method == "lora" and cfg.mode == "finetune":
         from peft import LoraConfig, get_peft_model
@@ -396,7 +395,7 @@ def build_run(cfg: RunConfig, ctx: DistContext) -> Trainer:
             p.requires_grad_(False)
         for t in tables:
             t.trainable = False
-    elif cfg.mode == "pretrain" or cfg.method == "full":
+    elif memory_trains_densely(cfg):
         if not cfg.optim.train_dense:
             freeze_dense(model, keep=model.memory_parameters())
         memory_optimizer = build_memory_row_optimizer(tables, cfg.optim, cfg.seed)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from smft_dist.memory.sharded import ShardedValueTable
 from tests.dist.helpers import run_ranks
-from tests.test_offload import SlicedTable, assert_offload_matches_resident, run_with_resume
+from tests.test_offload import assert_offload_matches_resident, pooled_step, run_with_resume
 
 pytestmark = pytest.mark.slow
 
@@ -80,25 +80,11 @@ def test_each_owner_moves_the_unique_rows_it_reads(two_ranks):
 def _sliced(rank):
     """The pooled lookup of a 40-row table over 2 ranks, 9 tokens x 4 entries a rank, 2 lookups a
     step: resident, and offloaded with owner slices of 5 rows -> (outputs, weight gradients, row
-    gradients, counts) of each, and the largest read and kept gradient of the offloaded owner."""
-    out = {}
-    for offload in ("none", "host"):
-        table = SlicedTable(40, 6, group=dist.group.WORLD, exchange="pooled")
-        table.reset_parameters(torch.Generator().manual_seed(0))
-        if offload == "host":
-            table.offload_to_host()
-            table.owner_slice_rows = 5
-        table.zero_step()
-        got = []
-        for k in range(2):
-            gen = torch.Generator().manual_seed(10 * rank + k)
-            idx_TK = torch.randint(0, 40, (9, 4), generator=gen)
-            w_TK = torch.rand(9, 4, generator=gen, requires_grad=True)
-            y_TD = table.embedding_bag(idx_TK, w_TK)
-            (y_TD * torch.arange(1.0, 7.0)).sum().backward()
-            got += [y_TD.detach(), w_TK.grad]
-        out[offload] = [*got, *table.sparse_grad(), *table.access_counts()], table.reads, table.kept
-    return out
+    gradients, counts) of each, and the offloaded owner's reads and kept gradients."""
+    shape = dict(rows=40, dim=6, tokens=9, K=4, lookups=2, seed=10 * rank, group=dist.group.WORLD)
+    resident, _ = pooled_step(torch.float32, "none", None, **shape)
+    host, table = pooled_step(torch.float32, "host", 5, **shape)
+    return resident, host, table.reads, table.kept
 
 
 def test_an_offloaded_owner_slices_its_pooled_work_with_the_bits_of_a_resident_one(two_ranks):
@@ -107,7 +93,6 @@ def test_an_offloaded_owner_slices_its_pooled_work_with_the_bits_of_a_resident_o
     and keeps at most 5 rows' gradients at a time, and every output, weight gradient, summed row
     gradient and access count equals the resident run's bit for bit (the 1-process argument:
     tests/test_offload.py::test_an_offloaded_owner_works_in_slices_with_the_bits_of_one_piece)."""
-    for rank, (*_, sliced) in enumerate(two_ranks):
-        (resident, _, _), (host, reads, kept) = sliced["none"], sliced["host"]
+    for rank, (*_, (resident, host, reads, kept)) in enumerate(two_ranks):
         assert all(torch.equal(a, b) for a, b in zip(host, resident)), rank
         assert max(reads) <= 5 + 4 and max(kept) <= 5 and len(reads) > 4, (rank, reads, kept)
